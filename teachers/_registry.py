@@ -1,0 +1,374 @@
+"""Teacher and captioner registries: frozen configs, name resolution and the ``create_*`` factories.
+
+Teachers are configurations of existing checkpoints, so they are registered as data (open_clip's
+``pretrained.py`` style) rather than as builder functions (timm's style, used for students). The registry core
+mirrors ``timm/models/_registry.py``: module-level dicts, ``fnmatch`` listing, ``difflib`` suggestions for unknown
+names. Unlike timm, registering a duplicate raises.
+
+Besides registered names, ``create_teacher`` accepts source prefixes (``timm.create_model``'s ``hf-hub:`` idea):
+
+- ``local-dir:PATH``: an open_clip directory (``open_clip_config.json`` + weights), e.g. a student trained here;
+- ``open_clip:ARCH`` or ``open_clip:ARCH@TAG_OR_FILE``: any open_clip architecture and pretrained tag or file;
+- ``hf:ID_OR_DIR``: a Hugging Face transformers ``CLIPModel`` / ``SiglipModel`` repo id or saved directory;
+- ``a,b,c``: a comma-separated list of any of the above, built as an ad-hoc ``TeacherEnsemble``.
+
+This module imports neither torch nor open_clip, so listing names stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .captioners import Captioner
+    from .ensemble import TeacherEnsemble
+    from .open_clip_teacher import Teacher
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "WeightSpec",
+    "TeacherCfg",
+    "CaptionerCfg",
+    "register_teacher",
+    "create_teacher",
+    "list_teachers",
+    "get_teacher_cfg",
+    "register_captioner",
+    "create_captioner",
+    "list_captioners",
+    "get_captioner_cfg",
+    "LOCAL_DIR_PREFIX",
+    "OPEN_CLIP_PREFIX",
+    "HF_PREFIX",
+]
+
+LOCAL_DIR_PREFIX = "local-dir:"
+OPEN_CLIP_PREFIX = "open_clip:"
+HF_PREFIX = "hf:"
+
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where a checkpoint's weights come from, resolved in the order ``file > hf_hub > url``.
+
+    An empty spec means "use the config's own source" (an open_clip pretrained tag, a ``local-dir:`` directory or a
+    Hugging Face id).
+    """
+
+    file: str | None = None
+    """Local checkpoint: an open_clip state dict (``.safetensors``, or ``.pt``/``.bin`` read with
+    ``torch.load(weights_only=True)``), or for Hugging Face sources a saved model directory."""
+    hf_hub: str | None = None
+    """Hugging Face Hub location in open_clip's ``org/repo/`` or ``org/repo/filename`` form."""
+    url: str | None = None
+    """Plain URL of a checkpoint file."""
+
+    def __post_init__(self) -> None:
+        # Accept Path objects from callers but persist plain strings (configs are written to JSON).
+        if self.file is not None and not isinstance(self.file, str):
+            object.__setattr__(self, "file", str(self.file))
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no source is set."""
+        return not (self.file or self.hf_hub or self.url)
+
+
+@dataclass(frozen=True)
+class TeacherCfg:
+    """A teacher: which checkpoint, how to feed it, and at which KD temperature to use it.
+
+    Preprocessing fields left ``None`` are filled from the checkpoint when it is loaded; the loaded teacher's
+    ``cfg`` holds the resolved values so an artefact's metadata can rebuild it without the registry.
+    """
+
+    name: str
+    """Registry name (``vit_l14.openai``) or source spec (``local-dir:PATH``, ``open_clip:ARCH@TAG``, ``hf:ID``)."""
+    source: Literal["open_clip", "hf", "ensemble"] = "open_clip"
+    """Backend that loads it."""
+    arch: str = ""
+    """open_clip architecture name or ``local-dir:PATH``; Hugging Face repo id or directory for ``hf``."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (or checkpoint file) for ``arch``; unused by ``hf`` and ``ensemble``."""
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    """Explicit weights, overriding ``pretrained`` (``--teacher_weights.file PATH`` on the command line)."""
+    image_size: int | None = None
+    """Square input resolution; pixels of another size are resized to it."""
+    mean: tuple[float, float, float] | None = None
+    """Per-channel normalisation mean for ``[0, 1]`` pixels."""
+    std: tuple[float, float, float] | None = None
+    """Per-channel normalisation std for ``[0, 1]`` pixels."""
+    interpolation: Interpolation | None = None
+    """Resize filter used when pixels are not ``image_size``."""
+    logit_scale: float | None = None
+    """Fixed KD logit scale (e.g. 100); ``None`` uses the checkpoint's learned ``exp(logit_scale)``."""
+    members: tuple[str, ...] = ()
+    """Ensemble member names, in embedding slice order (``source="ensemble"`` only)."""
+    member_logit_scales: tuple[float, ...] = ()
+    """Per-member KD logit scales for ensembles (MobileCLIP2 uses 70 and 60); empty means ``logit_scale`` for all
+    members, or each member's own."""
+    allow_random: bool = False
+    """Allow random weights when no weights are found. Only for the tiny test models."""
+    context_length: int | None = None
+    """Text context length; ``None`` uses the checkpoint's."""
+
+    def __post_init__(self) -> None:
+        # Lists from JSON/YAML become tuples so the frozen config stays hashable and comparable.
+        for name in ("mean", "std", "members", "member_logit_scales"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "member_logit_scales", tuple(float(v) for v in self.member_logit_scales))
+        if isinstance(self.weights, dict):
+            object.__setattr__(self, "weights", WeightSpec(**self.weights))
+        if self.source == "ensemble":
+            if not self.members:
+                raise ValueError(f"teacher {self.name!r}: an ensemble needs at least one member")
+            if self.member_logit_scales and len(self.member_logit_scales) != len(self.members):
+                raise ValueError(
+                    f"teacher {self.name!r}: member_logit_scales has {len(self.member_logit_scales)} values for "
+                    f"{len(self.members)} members"
+                )
+        elif not self.arch:
+            raise ValueError(f"teacher {self.name!r}: source {self.source!r} needs an arch")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TeacherCfg:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CaptionerCfg:
+    """A captioning model used to write synthetic captions (``syn.json``)."""
+
+    name: str
+    """Registry name (``coca_vit_l14.mscoco``) or source spec (``local-dir:PATH``, ``open_clip:ARCH@TAG``,
+    ``hf:ID``)."""
+    source: Literal["open_clip", "hf"] = "open_clip"
+    """Backend: an open_clip CoCa model, or a Hugging Face image-to-text model (BLIP, GIT)."""
+    arch: str = ""
+    """open_clip CoCa architecture or ``local-dir:PATH``; Hugging Face repo id or directory for ``hf``."""
+    pretrained: str | None = None
+    """open_clip pretrained tag or checkpoint file."""
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    """Explicit weights, overriding ``pretrained``."""
+    image_size: int | None = None
+    """Square input resolution; ``None`` uses the checkpoint's."""
+    mean: tuple[float, float, float] | None = None
+    """Normalisation mean; ``None`` uses the checkpoint's."""
+    std: tuple[float, float, float] | None = None
+    """Normalisation std; ``None`` uses the checkpoint's."""
+    interpolation: Interpolation | None = None
+    """Resize filter; ``None`` uses the checkpoint's."""
+    tag: str = ""
+    """Suffix of the ``syn.json`` key: ``""`` writes ``syn_text``, ``"blip"`` writes ``syn_text_blip``."""
+    allow_random: bool = False
+    """Allow random weights when no weights are found. Only for the tiny test models."""
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.weights, dict):
+            object.__setattr__(self, "weights", WeightSpec(**self.weights))
+        if not self.arch:
+            raise ValueError(f"captioner {self.name!r}: needs an arch")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaptionerCfg:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+
+_TEACHERS: dict[str, TeacherCfg] = {}
+_CAPTIONERS: dict[str, CaptionerCfg] = {}
+
+
+def _unknown(kind: str, name: str, known: dict[str, Any]) -> KeyError:
+    close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return KeyError(
+        f"unknown {kind} {name!r}.{hint} Registered: list_{kind}s(); or use local-dir:PATH, "
+        f"open_clip:ARCH[@TAG_OR_FILE] or hf:ID_OR_DIR."
+    )
+
+
+def _is_spec(name: str) -> bool:
+    return name.startswith((LOCAL_DIR_PREFIX, OPEN_CLIP_PREFIX, HF_PREFIX))
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not name or name != name.strip() or "," in name or _is_spec(name):
+        raise ValueError(f"invalid {kind} name {name!r}: use lowercase snake case with an optional .tag")
+
+
+def register_teacher(cfg: TeacherCfg) -> TeacherCfg:
+    """Add a teacher config to the registry.
+
+    Args:
+        cfg: The config; ``cfg.name`` becomes the registry key.
+
+    Returns:
+        The same config (so it can be used as an expression).
+
+    Raises:
+        ValueError: If the name is already registered or is not a plain registry name.
+    """
+    _check_name("teacher", cfg.name)
+    if cfg.name in _TEACHERS:
+        raise ValueError(f"teacher {cfg.name!r} is already registered")
+    _TEACHERS[cfg.name] = cfg
+    return cfg
+
+
+def list_teachers(pattern: str = "*") -> list[str]:
+    """Registered teacher names matching an ``fnmatch`` pattern, sorted."""
+    return sorted(n for n in _TEACHERS if fnmatch.fnmatch(n, pattern))
+
+
+def _split_members(name: str) -> list[str]:
+    return [m.strip() for m in name.split(",") if m.strip()]
+
+
+def get_teacher_cfg(name: str) -> TeacherCfg:
+    """Resolve a teacher name or source spec to its config (no weights are loaded).
+
+    Args:
+        name: A registered name, ``local-dir:PATH``, ``open_clip:ARCH[@TAG_OR_FILE]``, ``hf:ID_OR_DIR`` or a
+            comma-separated list of these.
+
+    Raises:
+        KeyError: For an unknown registered name; the message lists close matches.
+    """
+    name = name.strip()
+    if "," in name:
+        members = _split_members(name)
+        for member in members:
+            get_teacher_cfg(member)  # fail early, with close matches, on a misspelt member
+        return TeacherCfg(name=",".join(members), source="ensemble", members=tuple(members))
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return TeacherCfg(name=name, source="open_clip", arch=name)
+    if name.startswith(OPEN_CLIP_PREFIX):
+        arch, _, tag = name[len(OPEN_CLIP_PREFIX) :].partition("@")
+        return TeacherCfg(name=name, source="open_clip", arch=arch, pretrained=tag or None)
+    if name.startswith(HF_PREFIX):
+        return TeacherCfg(name=name, source="hf", arch=name[len(HF_PREFIX) :])
+    if name not in _TEACHERS:
+        raise _unknown("teacher", name, _TEACHERS)
+    return _TEACHERS[name]
+
+
+def _apply_overrides(cfg: Any, weights: WeightSpec | None, overrides: dict[str, Any]) -> Any:
+    # NOTE: like timm, None overrides are dropped so CLI defaults never clobber registered values.
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if weights is not None and not weights.is_empty:
+        changes["weights"] = weights
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def create_teacher(
+    name: str | TeacherCfg, *, weights: WeightSpec | None = None, **overrides: Any
+) -> Teacher | TeacherEnsemble:
+    """Build a frozen, eval-mode teacher (or ensemble) from a name, source spec or config.
+
+    Args:
+        name: See :func:`get_teacher_cfg`; a ``TeacherCfg`` is used as is.
+        weights: Explicit weights replacing the config's source (e.g. a local file when offline).
+        **overrides: ``TeacherCfg`` fields to replace (``logit_scale=100.0``, ``image_size=...``); ``None`` values
+            are ignored.
+
+    Returns:
+        A ``Teacher`` for a single model, a ``TeacherEnsemble`` for ensembles and comma-separated names.
+
+    Raises:
+        KeyError: Unknown name (with close matches).
+        RuntimeError: Weights that cannot be fetched (e.g. offline); the message names the local-file option.
+    """
+    cfg = name if isinstance(name, TeacherCfg) else get_teacher_cfg(name)
+    if cfg.source == "ensemble" and weights is not None and not weights.is_empty:
+        raise ValueError(
+            f"teacher {cfg.name!r} is an ensemble: one weights file cannot serve several members; pass the members "
+            "as a comma-separated list of local-dir:PATH or open_clip:ARCH@FILE instead"
+        )
+    cfg = _apply_overrides(cfg, weights, overrides)
+    if cfg.source == "ensemble":
+        from .ensemble import build_ensemble
+
+        return build_ensemble(cfg)
+    if cfg.source == "hf":
+        from .hf_teacher import build_hf_teacher
+
+        return build_hf_teacher(cfg)
+    from .open_clip_teacher import build_open_clip_teacher
+
+    return build_open_clip_teacher(cfg)
+
+
+def register_captioner(cfg: CaptionerCfg) -> CaptionerCfg:
+    """Add a captioner config to the registry; duplicates raise ``ValueError``."""
+    _check_name("captioner", cfg.name)
+    if cfg.name in _CAPTIONERS:
+        raise ValueError(f"captioner {cfg.name!r} is already registered")
+    _CAPTIONERS[cfg.name] = cfg
+    return cfg
+
+
+def list_captioners(pattern: str = "*") -> list[str]:
+    """Registered captioner names matching an ``fnmatch`` pattern, sorted."""
+    return sorted(n for n in _CAPTIONERS if fnmatch.fnmatch(n, pattern))
+
+
+def get_captioner_cfg(name: str) -> CaptionerCfg:
+    """Resolve a captioner name or source spec (``local-dir:``, ``open_clip:ARCH@TAG``, ``hf:ID``) to its config.
+
+    Raises:
+        KeyError: For an unknown registered name; the message lists close matches.
+    """
+    name = name.strip()
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return CaptionerCfg(name=name, source="open_clip", arch=name)
+    if name.startswith(OPEN_CLIP_PREFIX):
+        arch, _, tag = name[len(OPEN_CLIP_PREFIX) :].partition("@")
+        return CaptionerCfg(name=name, source="open_clip", arch=arch, pretrained=tag or None)
+    if name.startswith(HF_PREFIX):
+        return CaptionerCfg(name=name, source="hf", arch=name[len(HF_PREFIX) :])
+    if name not in _CAPTIONERS:
+        raise _unknown("captioner", name, _CAPTIONERS)
+    return _CAPTIONERS[name]
+
+
+def create_captioner(name: str | CaptionerCfg, *, weights: WeightSpec | None = None, **overrides: Any) -> Captioner:
+    """Build a frozen, eval-mode captioner.
+
+    Args:
+        name: A registered name or source spec (see :func:`get_captioner_cfg`), or a ``CaptionerCfg``.
+        weights: Explicit weights replacing the config's source.
+        **overrides: ``CaptionerCfg`` fields to replace (``tag="coca"``); ``None`` values are ignored.
+
+    Raises:
+        KeyError: Unknown name (with close matches).
+        RuntimeError: Weights that cannot be fetched (e.g. offline); the message names the local-file option.
+    """
+    cfg = name if isinstance(name, CaptionerCfg) else get_captioner_cfg(name)
+    cfg = _apply_overrides(cfg, weights, overrides)
+    from .captioners import build_captioner
+
+    return build_captioner(cfg)
