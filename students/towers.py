@@ -1,0 +1,490 @@
+"""Student architecture configs and the `CLIPStudent` model (open_clip-compatible state-dict keys).
+
+A student is an image tower plus a text tower that embed into one space. Both towers are built with open_clip's own
+tower builders (`open_clip.model._build_vision_tower` / `_build_text_tower`), so `CLIPStudent.state_dict()` has
+exactly the keys of `open_clip.CustomTextCLIP` (`visual.*`, `text.*`, `logit_scale`) and a saved student loads with
+`open_clip.create_model("local-dir:...")`. The one exception is the MobileCLIP-S0 "MCt" text tower
+(`students/mct.py`), which open_clip does not implement (mlfoundations/open_clip#958).
+
+References:
+    open_clip model configs: https://github.com/mlfoundations/open_clip (src/open_clip/model.py, model_configs/)
+    MobileCLIP (CVPR'24) / MobileCLIP2 (TMLR'25): https://github.com/apple/ml-mobileclip
+    timm re-parameterisation: https://github.com/huggingface/pytorch-image-models (timm/models/_manipulate.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import _build_text_tower, _build_vision_tower
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageTowerCfg",
+    "TextTowerCfg",
+    "StudentCfg",
+    "CLIPStudent",
+    "MCT_OPEN_CLIP_MARKER",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+]
+
+OPENAI_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)  # type: ignore[assignment]
+OPENAI_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)  # type: ignore[assignment]
+
+# NOTE: written into the open_clip `text_cfg` of MCt students. open_clip passes text_cfg to `CLIPTextCfg(**text_cfg)`,
+# so pointing open_clip at such a directory fails with "unexpected keyword argument '<this name>'", which tells the
+# user what to do instead. `StudentCfg.from_open_clip` recognises the key.
+MCT_OPEN_CLIP_MARKER = "mct_text_tower_is_not_in_open_clip_load_with_students_load_student"
+
+
+@dataclass(frozen=True)
+class ImageTowerCfg:
+    """Image tower: a timm model (`timm_model_name` set) or an open_clip native ViT, plus its preprocessing."""
+
+    image_size: int = 224
+    """Square input resolution in pixels."""
+    timm_model_name: str | None = None
+    """timm architecture (e.g. `fastvit_mci0`); None builds an open_clip native ViT from the fields below."""
+    timm_pool: str = "avg"
+    """timm feature pooling (`avg`, `token`, ...), as open_clip's `timm_pool`."""
+    timm_proj: Literal["linear", "mlp", "none"] | None = "linear"
+    """Projection to `embed_dim`: `linear`/`mlp` head; None re-uses the timm classifier as projection (MobileCLIP)."""
+    timm_proj_bias: bool = False
+    """Bias in the extra projection head."""
+    timm_drop: float = 0.0
+    """Head dropout."""
+    timm_drop_path: float | None = None
+    """Stochastic depth of the timm trunk."""
+    layers: int = 12
+    """Native ViT: number of transformer blocks."""
+    width: int = 768
+    """Native ViT: token width."""
+    head_width: int = 64
+    """Native ViT: attention head dim (heads = width // head_width)."""
+    patch_size: int = 16
+    """Native ViT: patch size in pixels."""
+    mlp_ratio: float = 4.0
+    """Native ViT: MLP hidden width = int(width * mlp_ratio)."""
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    """Per-channel normalisation mean, applied by `CLIPStudent.normalize`."""
+    std: tuple[float, float, float] = OPENAI_STD
+    """Per-channel normalisation std."""
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    """Resize interpolation used when images are resized for this student."""
+    resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
+    """open_clip preprocessing resize mode."""
+
+    @property
+    def is_timm(self) -> bool:
+        """Whether the tower is a timm model."""
+        return self.timm_model_name is not None
+
+    @property
+    def heads(self) -> int:
+        """Native ViT attention heads."""
+        return self.width // self.head_width
+
+    def open_clip_vision_cfg(self) -> dict[str, Any]:
+        """The open_clip `vision_cfg` dict for this tower."""
+        if self.is_timm:
+            return {
+                "timm_model_name": self.timm_model_name,
+                "timm_model_pretrained": False,
+                "timm_pool": self.timm_pool,
+                "timm_proj": self.timm_proj,
+                "timm_proj_bias": self.timm_proj_bias,
+                "timm_drop": self.timm_drop,
+                "timm_drop_path": self.timm_drop_path,
+                "image_size": self.image_size,
+            }
+        return {
+            "image_size": self.image_size,
+            "layers": self.layers,
+            "width": self.width,
+            "head_width": self.head_width,
+            "patch_size": self.patch_size,
+            "mlp_ratio": self.mlp_ratio,
+        }
+
+
+@dataclass(frozen=True)
+class TextTowerCfg:
+    """Text tower: an open_clip text transformer or the MobileCLIP-S0 MCt tower (RepMixer + transformer + RepMixer)."""
+
+    kind: Literal["transformer", "mct"] = "transformer"
+    """`transformer` (open_clip TextTransformer) or `mct` (students.mct.MCtTextTower)."""
+    context_length: int = 77
+    """Token sequence length."""
+    vocab_size: int = 49408
+    """Vocabulary size (CLIP BPE: 49408)."""
+    width: int = 512
+    """Token width."""
+    heads: int = 8
+    """Attention heads."""
+    layers: int = 12
+    """Transformer layers (MCt: the layers between its two RepMixer blocks)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width = int(width * mlp_ratio)."""
+    causal: bool = True
+    """Causal attention mask (open_clip `no_causal_mask = not causal`)."""
+    mixer_kernel_size: int = 11
+    """MCt only: RepMixer convolution kernel over the sequence."""
+
+    def open_clip_text_cfg(self) -> dict[str, Any]:
+        """The open_clip `text_cfg` dict (MCt towers get a marker key that open_clip rejects with a clear name)."""
+        cfg: dict[str, Any] = {
+            "context_length": self.context_length,
+            "vocab_size": self.vocab_size,
+            "width": self.width,
+            "heads": self.heads,
+            "layers": self.layers,
+            "mlp_ratio": self.mlp_ratio,
+            "no_causal_mask": not self.causal,
+        }
+        if self.kind == "mct":
+            cfg[MCT_OPEN_CLIP_MARKER] = {"mixer_kernel_size": self.mixer_kernel_size}
+        return cfg
+
+
+def _tuple3(value: Any) -> tuple[float, float, float]:
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class StudentCfg:
+    """A complete student architecture: enough to rebuild it without the registry."""
+
+    name: str = "custom"
+    """Registry name (informational)."""
+    embed_dim: int = 512
+    """Shared embedding dimension."""
+    image: ImageTowerCfg = field(default_factory=ImageTowerCfg)
+    """Image tower."""
+    text: TextTowerCfg = field(default_factory=TextTowerCfg)
+    """Text tower."""
+    init_logit_scale: float = math.log(1 / 0.07)
+    """Initial log of the contrastive logit scale (CLIP: log(1/0.07))."""
+    quick_gelu: bool = False
+    """Use QuickGELU in native open_clip towers (needed to match OpenAI-trained weights)."""
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists in JSON; `from_dict` restores them)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudentCfg:
+        """Inverse of `to_dict`; unknown keys raise ValueError."""
+        data = dict(data)
+        image = dict(data.pop("image", {}) or {})
+        text = dict(data.pop("text", {}) or {})
+        for sub, sub_cls, where in ((image, ImageTowerCfg, "image"), (text, TextTowerCfg, "text"), (data, cls, "")):
+            known = {f.name for f in dataclasses.fields(sub_cls)} - ({"image", "text"} if sub_cls is cls else set())
+            unknown = set(sub) - known
+            if unknown:
+                raise ValueError(f"unknown StudentCfg {where + ' ' if where else ''}key(s): {sorted(unknown)}")
+        for key in ("mean", "std"):
+            if key in image:
+                image[key] = _tuple3(image[key])
+        return cls(image=ImageTowerCfg(**image), text=TextTowerCfg(**text), **data)
+
+    def with_overrides(self, **overrides: Any) -> StudentCfg:
+        """Return a copy with flat overrides applied (None values are dropped).
+
+        A key is looked up in `StudentCfg`, then in whichever tower config uniquely has it (`image_size`,
+        `context_length`, `timm_model_name`, `heads`, ...). Names both towers have (`width`, `layers`, `mlp_ratio`)
+        must be prefixed: `image_width=...`, `text_layers=...`. Unknown keys raise ValueError.
+        """
+        top: dict[str, Any] = {}
+        image: dict[str, Any] = {}
+        text: dict[str, Any] = {}
+        top_fields = {f.name for f in dataclasses.fields(self)} - {"image", "text"}
+        image_fields = {f.name for f in dataclasses.fields(ImageTowerCfg)}
+        text_fields = {f.name for f in dataclasses.fields(TextTowerCfg)}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key in top_fields:
+                top[key] = value
+            elif key in image_fields and key in text_fields:
+                raise ValueError(f"override {key!r} is ambiguous: use image_{key}=... or text_{key}=...")
+            elif key in image_fields:
+                image[key] = value
+            elif key in text_fields:
+                text[key] = value
+            elif key.startswith("image_") and key[6:] in image_fields:
+                image[key[6:]] = value
+            elif key.startswith("text_") and key[5:] in text_fields:
+                text[key[5:]] = value
+            else:
+                raise ValueError(f"unknown student override {key!r}")
+        if "mean" in image:
+            image["mean"] = _tuple3(image["mean"])
+        if "std" in image:
+            image["std"] = _tuple3(image["std"])
+        return dataclasses.replace(
+            self,
+            image=dataclasses.replace(self.image, **image),
+            text=dataclasses.replace(self.text, **text),
+            **top,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def open_clip_model_cfg(self) -> dict[str, Any]:
+        """open_clip model config: `{"embed_dim", "vision_cfg", "text_cfg", "custom_text": true}`."""
+        cfg: dict[str, Any] = {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": self.image.open_clip_vision_cfg(),
+            "text_cfg": self.text.open_clip_text_cfg(),
+            "custom_text": True,
+        }
+        if self.quick_gelu:
+            cfg["quick_gelu"] = True
+        return cfg
+
+    def open_clip_preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip preprocess config: `{"size", "mean", "std", "interpolation", "resize_mode"}`."""
+        return {
+            "size": self.image.image_size,
+            "mean": list(self.image.mean),
+            "std": list(self.image.std),
+            "interpolation": self.image.interpolation,
+            "resize_mode": self.image.resize_mode,
+        }
+
+    @classmethod
+    def from_open_clip(
+        cls, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None, *, name: str = "open_clip"
+    ) -> StudentCfg:
+        """Build a StudentCfg from an open_clip model config (+ optional preprocess config).
+
+        Covers timm and native-ViT image towers and transformer (or our MCt) text towers; any other open_clip
+        feature (HF text towers, attentional pooling, ...) raises ValueError naming the key.
+        """
+        vision = dict(model_cfg["vision_cfg"])
+        text = dict(model_cfg["text_cfg"])
+        pre = dict(preprocess_cfg or {})
+        extra_top = set(model_cfg) - {"embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu"}
+        if extra_top:
+            raise ValueError(f"unsupported open_clip model_cfg key(s) for a student: {sorted(extra_top)}")
+
+        image_kw: dict[str, Any] = {}
+        if vision.get("timm_model_name"):
+            mapping = ("timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path")
+            allowed = set(mapping) | {"image_size", "timm_model_pretrained"}
+        else:
+            mapping = ("layers", "width", "head_width", "patch_size", "mlp_ratio")
+            allowed = set(mapping) | {"image_size"}
+        unknown = set(vision) - allowed
+        if unknown:
+            raise ValueError(f"unsupported open_clip vision_cfg key(s) for a student: {sorted(unknown)}")
+        image_kw.update({k: vision[k] for k in mapping if k in vision})
+        if isinstance(image_kw.get("layers"), (list, tuple)):
+            raise ValueError("ModifiedResNet image towers (list-valued `layers`) are not supported by students")
+        if "image_size" in vision:
+            size = vision["image_size"]
+            image_kw["image_size"] = int(size[0] if isinstance(size, (list, tuple)) else size)
+        if "size" in pre:
+            size = pre["size"]
+            image_kw["image_size"] = int(size[0] if isinstance(size, (list, tuple)) else size)
+        for key in ("mean", "std"):
+            if key in pre:
+                image_kw[key] = _tuple3(pre[key])
+        for key in ("interpolation", "resize_mode"):
+            if key in pre:
+                image_kw[key] = pre[key]
+
+        text_kw: dict[str, Any] = {}
+        mct = text.pop(MCT_OPEN_CLIP_MARKER, None)
+        if mct is not None:
+            text_kw["kind"] = "mct"
+            text_kw.update(mct)
+        if "no_causal_mask" in text:
+            text_kw["causal"] = not text.pop("no_causal_mask")
+        text_map = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")
+        unknown = set(text) - set(text_map)
+        if unknown:
+            raise ValueError(f"unsupported open_clip text_cfg key(s) for a student: {sorted(unknown)}")
+        text_kw.update({k: text[k] for k in text_map if k in text})
+        return cls(
+            name=name,
+            embed_dim=int(model_cfg["embed_dim"]),
+            image=ImageTowerCfg(**image_kw),
+            text=TextTowerCfg(**text_kw),
+            quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(context_length: int):  # noqa: ANN202 - open_clip SimpleTokenizer
+    # NOTE: cached per context length: loading the BPE merges takes a noticeable fraction of a second, and the
+    # tokenizer is stateless. Kept off the module so deepcopy/pickling a student stays cheap.
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def build_text_tower(cfg: StudentCfg) -> nn.Module:
+    """Build the text tower of `cfg` (open_clip TextTransformer or MCt)."""
+    if cfg.text.kind == "mct":
+        from students.mct import MCtTextTower
+
+        t = cfg.text
+        return MCtTextTower(
+            embed_dim=cfg.embed_dim,
+            context_length=t.context_length,
+            vocab_size=t.vocab_size,
+            width=t.width,
+            heads=t.heads,
+            layers=t.layers,
+            mlp_ratio=t.mlp_ratio,
+            kernel_size=t.mixer_kernel_size,
+            causal=t.causal,
+            quick_gelu=cfg.quick_gelu,
+        )
+    return _build_text_tower(cfg.embed_dim, cfg.text.open_clip_text_cfg(), quick_gelu=cfg.quick_gelu)
+
+
+class CLIPStudent(nn.Module):
+    """A two-tower CLIP student whose state dict matches open_clip's `CustomTextCLIP`.
+
+    Args:
+        cfg: the architecture.
+
+    Attributes:
+        visual: image tower (open_clip `TimmModel` or `VisionTransformer`).
+        text: text tower (open_clip `TextTransformer` or `students.mct.MCtTextTower`).
+        logit_scale: learnable log of the contrastive temperature, as in open_clip.
+    """
+
+    def __init__(self, cfg: StudentCfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = _build_vision_tower(cfg.embed_dim, cfg.image.open_clip_vision_cfg(), quick_gelu=cfg.quick_gelu)
+        self.text = build_text_tower(cfg)
+        self.logit_scale = nn.Parameter(torch.ones([]) * cfg.init_logit_scale)
+        # NOTE: non-persistent: preprocessing lives in the config, so state dicts stay open_clip-identical.
+        self.register_buffer("pixel_mean", torch.tensor(cfg.image.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.image.std).view(1, 3, 1, 1), persistent=False)
+
+    # -- properties ---------------------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """Input resolution."""
+        return self.cfg.image.image_size
+
+    @property
+    def context_length(self) -> int:
+        """Token sequence length."""
+        return self.cfg.text.context_length
+
+    @property
+    def embed_dim(self) -> int:
+        """Embedding dimension."""
+        return self.cfg.embed_dim
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        """Normalisation mean."""
+        return self.cfg.image.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        """Normalisation std."""
+        return self.cfg.image.std
+
+    @property
+    def interpolation(self) -> str:
+        """Resize interpolation."""
+        return self.cfg.image.interpolation
+
+    @property
+    def is_reparameterized(self) -> bool:
+        """Whether any re-parameterisable block has been folded (its state-dict keys then differ)."""
+        return any("reparam_conv" in k for k in self.state_dict())
+
+    # -- encoding -----------------------------------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map pixels (`uint8` or float in [0, 1], `[B, 3, H, W]`) to the normalised float input of `encode_image`."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        elif not x.is_floating_point():
+            raise TypeError(f"expected uint8 or float pixels, got {x.dtype}")
+        return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed ALREADY normalised images `[B, 3, H, W]` (open_clip semantics) -> `[B, D]`."""
+        features = self.visual(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed tokens `[B, L]` -> `[B, D]`."""
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
+        """CLIP BPE tokens `[N, context_length]` (open_clip `SimpleTokenizer`, works offline)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return _tokenizer(self.context_length)(list(texts))
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Return `{"image_features", "text_features", "logit_scale"}` (features L2-normalised, scale = exp).
+
+        Args:
+            image: normalised images `[B, 3, H, W]` (call `normalize` on raw pixels first).
+            text: tokens `[B, L]`.
+        """
+        out: dict[str, torch.Tensor] = {}
+        if image is not None:
+            if image.dtype == torch.uint8:
+                raise TypeError("CLIPStudent.forward expects normalised float images: call student.normalize(pixels)")
+            out["image_features"] = self.encode_image(image, normalize=True)
+        if text is not None:
+            out["text_features"] = self.encode_text(text, normalize=True)
+        out["logit_scale"] = self.logit_scale.exp()
+        return out
+
+    # -- utilities ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reparameterize(self) -> CLIPStudent:
+        """Fold every MobileOne/RepMixer/RepCPE (and MCt RepMixer) block in place; returns self.
+
+        Same walk as `timm.utils.model.reparameterize_model`: a child with `fuse()` is replaced by its result, one
+        with `reparameterize()` (or `switch_to_deploy()`) is folded in place. Use it on an `eval()` model: folding
+        bakes in the BatchNorm running statistics.
+        """
+
+        def _fold(module: nn.Module) -> None:
+            for child_name, child in list(module.named_children()):
+                if hasattr(child, "fuse"):
+                    child = child.fuse()
+                    setattr(module, child_name, child)
+                elif hasattr(child, "reparameterize"):
+                    child.reparameterize()
+                elif hasattr(child, "switch_to_deploy"):
+                    child.switch_to_deploy()
+                _fold(child)
+
+        _fold(self)
+        return self
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts `{"image", "text", "total"}` (total includes `logit_scale`)."""
+        image = sum(p.numel() for p in self.visual.parameters())
+        text = sum(p.numel() for p in self.text.parameters())
+        return {"image": image, "text": text, "total": sum(p.numel() for p in self.parameters())}
+
+    def extra_repr(self) -> str:
+        return f"name={self.cfg.name!r}, embed_dim={self.embed_dim}, image_size={self.image_size}"

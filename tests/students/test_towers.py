@@ -1,0 +1,139 @@
+"""Configs, CLIPStudent interface, open_clip key compatibility and re-parameterisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+
+import students
+from students import CLIPStudent, ImageTowerCfg, StudentCfg, TextTowerCfg
+
+
+def test_cfg_json_round_trip() -> None:
+    for name in ("mobileclip_s0", "mobileclip2_s3", "test_tiny_mci", "tiny_vit"):
+        cfg = students.get_student_cfg(name)
+        again = StudentCfg.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again == cfg
+        assert isinstance(again.image.mean, tuple)
+
+
+def test_cfg_from_dict_rejects_unknown_keys() -> None:
+    data = students.get_student_cfg("test_tiny").to_dict()
+    data["image"]["bogus"] = 1
+    with pytest.raises(ValueError, match="bogus"):
+        StudentCfg.from_dict(data)
+
+
+def test_overrides_resolve_towers_and_prefixes() -> None:
+    cfg = students.get_student_cfg("test_tiny")
+    new = cfg.with_overrides(image_size=64, context_length=8, embed_dim=16, text_layers=1, image_width=48, heads=None)
+    assert (new.image.image_size, new.text.context_length, new.embed_dim) == (64, 8, 16)
+    assert (new.text.layers, new.image.width, new.text.heads) == (1, 48, cfg.text.heads)
+    with pytest.raises(ValueError, match="ambiguous"):
+        cfg.with_overrides(width=8)
+    with pytest.raises(ValueError, match="unknown student override"):
+        cfg.with_overrides(nonsense=1)
+
+
+@pytest.mark.parametrize("name", ["MobileCLIP-S1", "MobileCLIP-S2", "MobileCLIP-B", "MobileCLIP2-S0", "MobileCLIP2-S2",
+                                  "MobileCLIP2-B", "MobileCLIP2-S3", "MobileCLIP2-S4"])  # fmt: skip
+def test_mobileclip_configs_match_open_clip(name: str) -> None:
+    ours = students.get_student_cfg(name.lower().replace("-", "_")).open_clip_model_cfg()
+    theirs = open_clip.get_model_config(name)
+    assert ours["embed_dim"] == theirs["embed_dim"]
+    assert ours["custom_text"] == theirs["custom_text"]
+    assert CLIPVisionCfg(**ours["vision_cfg"]) == CLIPVisionCfg(**theirs["vision_cfg"])
+    assert CLIPTextCfg(**ours["text_cfg"]) == CLIPTextCfg(**theirs["text_cfg"])
+
+
+def test_from_open_clip_inverts_open_clip_model_cfg() -> None:
+    for name in ("mobileclip2_s2", "tinyclip_vit_8m_16_text_3m", "mobileclip_s0"):
+        cfg = students.get_student_cfg(name)
+        back = StudentCfg.from_open_clip(cfg.open_clip_model_cfg(), cfg.open_clip_preprocess_cfg(), name=cfg.name)
+        assert back == cfg
+    with pytest.raises(ValueError, match="hf_model_name"):
+        StudentCfg.from_open_clip({"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_model_name": "bert"}})
+
+
+def test_state_dict_keys_match_open_clip_custom_text_clip() -> None:
+    for name in ("test_tiny", "test_tiny_mci"):
+        student = students.create_student(name)
+        cfg = student.cfg.open_clip_model_cfg()
+        cfg.pop("custom_text")
+        reference = CustomTextCLIP(**cfg)
+        ours = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+        assert ours == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
+
+def test_normalize_accepts_uint8_and_float(tiny_student: CLIPStudent) -> None:
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    a = tiny_student.normalize(pixels)
+    b = tiny_student.normalize(pixels.float() / 255)
+    mean = torch.tensor(students.OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(students.OPENAI_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, (pixels.float() / 255 - mean) / std)
+    with pytest.raises(TypeError):
+        tiny_student.normalize(pixels.long())
+
+
+def test_forward_outputs(tiny_student: CLIPStudent, tiny_batch) -> None:  # noqa: ANN001
+    images, tokens = tiny_batch(tiny_student)
+    out = tiny_student(image=images, text=tokens)
+    assert set(out) == {"image_features", "text_features", "logit_scale"}
+    assert out["image_features"].shape == (3, 32) and out["text_features"].shape == (3, 32)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(3))
+    raw = tiny_student.visual(images)
+    torch.testing.assert_close(out["image_features"], raw / raw.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(out["logit_scale"], tiny_student.logit_scale.exp())
+    assert torch.isclose(tiny_student.logit_scale.detach(), torch.tensor(2.6592600), atol=0.2)
+    with pytest.raises(TypeError, match="normalize"):
+        tiny_student(image=torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_tokenize_is_clip_bpe() -> None:
+    student = students.create_student("test_tiny")
+    tokens = student.tokenize(["a photo of a dog"])
+    assert tokens.shape == (1, 16) and tokens.dtype == torch.long
+    assert tokens[0, :7].tolist() == [49406, 320, 1125, 539, 320, 1929, 49407]
+    assert (tokens[0, 7:] == 0).all()
+
+
+def test_properties() -> None:
+    with torch.device("meta"):
+        student = students.create_student("mobileclip_s0", image_size=64, context_length=16, embed_dim=64)
+    assert (student.image_size, student.context_length, student.embed_dim) == (64, 16, 64)
+    assert student.mean == (0.0, 0.0, 0.0) and student.std == (1.0, 1.0, 1.0)
+    assert student.interpolation == "bilinear"
+
+
+@pytest.mark.parametrize("name", ["test_tiny_mci", "test_tiny_mct"])
+def test_reparameterize_preserves_outputs(name: str, perturb, tiny_batch) -> None:  # noqa: ANN001
+    student = perturb(students.create_student(name)).eval()
+    images, tokens = tiny_batch(student, 2)
+    with torch.no_grad():
+        before = student(image=images, text=tokens)
+        n_before = sum(p.numel() for p in student.parameters())
+        assert not student.is_reparameterized
+        assert student.reparameterize() is student
+        after = student(image=images, text=tokens)
+    assert student.is_reparameterized
+    assert sum(p.numel() for p in student.parameters()) < n_before
+    for key in ("image_features", "text_features"):
+        assert (before[key] - after[key]).abs().max() < 1e-5
+
+
+def test_custom_cfg_builds_native_vit() -> None:
+    cfg = StudentCfg(
+        embed_dim=16,
+        image=ImageTowerCfg(image_size=16, patch_size=8, width=16, layers=1, head_width=8),
+        text=TextTowerCfg(context_length=8, width=16, heads=2, layers=1),
+    )
+    student = CLIPStudent(cfg)
+    assert student.visual.transformer.resblocks[0].attn.num_heads == 2
+    assert dataclasses.replace(cfg, name="x").name == "x"
