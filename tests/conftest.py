@@ -51,7 +51,8 @@ def _seed_and_dtype() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Tiny models: one thread avoids thread-pool overhead and contention with DataLoader workers.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

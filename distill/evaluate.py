@@ -1,0 +1,370 @@
+"""`distill eval`: zero-shot classification and image<->text retrieval for students and teachers.
+
+Zero-shot follows CLIP (Radford et al. 2021): one classifier row per class = the normalised mean of the
+normalised prompt embeddings ("prompt ensembling"); top-1 over an image-folder dataset (CIFAR-10 layout).
+Retrieval reports Recall@1/5/10 in both directions over an image-caption set with several captions per image
+(Flickr8k test: 1,000 images, 5,000 captions); an image->text hit is any of the image's own captions in the top K.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import tarfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from distill.args import EvalArgs
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLIP_TEMPLATES",
+    "CaptionSet",
+    "ImageFolderSet",
+    "evaluate",
+    "load_image",
+    "retrieval_metrics",
+    "zeroshot_classifier",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# A short subset of CLIP's ImageNet prompt ensemble, used when a dataset brings no templates of its own.
+CLIP_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a low resolution photo of a {}.",
+    "a good photo of a {}.",
+    "a drawing of a {}.",
+    "itap of a {}.",
+)
+
+
+def zeroshot_classifier(
+    encode_texts: Callable[[list[str]], Tensor], classnames: list[str], templates: Iterable[str]
+) -> Tensor:
+    """Class weights `[D, C]`: per class, the normalised mean of its normalised prompt embeddings."""
+    templates = list(templates)
+    rows = []
+    for name in classnames:
+        feats = F.normalize(encode_texts([t.format(name) for t in templates]).float(), dim=-1)
+        rows.append(F.normalize(feats.mean(0), dim=-1))
+    return torch.stack(rows, dim=1)
+
+
+def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_owner: Tensor,
+                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K both ways.
+
+    Args:
+        image_features: `[N, D]` normalised image embeddings.
+        text_features: `[M, D]` normalised caption embeddings.
+        text_owner: `[M]` index of each caption's image.
+        ks: The K values.
+
+    Returns:
+        `{"i2t_R@K": %, "t2i_R@K": %}` in percent.
+    """
+    sims = image_features.float() @ text_features.float().T  # [N, M]
+    n = sims.shape[0]
+    out = {}
+    text_owner = text_owner.to(sims.device)
+    # Image -> text: the rank of the best-ranked caption that belongs to the image.
+    order = sims.argsort(dim=1, descending=True)  # [N, M]
+    own = text_owner[order] == torch.arange(n, device=sims.device)[:, None]
+    first_hit = own.float().argmax(dim=1)
+    # Text -> image: the rank of the caption's own image.
+    t_order = sims.T.argsort(dim=1, descending=True)  # [M, N]
+    t_rank = (t_order == text_owner[:, None]).float().argmax(dim=1)
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100.0 * float((first_hit < k).float().mean())
+        out[f"t2i_R@{k}"] = 100.0 * float((t_rank < k).float().mean())
+    return out
+
+
+def load_image(data: bytes | str | Path, image_size: int, interpolation: str = "bicubic") -> Tensor:
+    """Decode, resize the shortest side to `image_size`, centre-crop: uint8 `[3, S, S]` (open_clip eval transform)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img = img.convert("RGB")
+    img = TF.resize(img, image_size, interpolation=InterpolationMode(interpolation), antialias=True)
+    img = TF.center_crop(img, [image_size, image_size])
+    return TF.pil_to_tensor(img)
+
+
+class ImageFolderSet(Dataset):
+    """`root/<class name>/*.jpg` (CIFAR-10 test layout); class names are folder names with `_` as spaces."""
+
+    def __init__(self, root: str | Path, image_size: int, interpolation: str = "bicubic",
+                 max_images: int | None = None) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"zero-shot set {root} is not a directory of class folders")
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        if not folders:
+            raise ValueError(f"zero-shot set {root} has no class folders")
+        self.classes = [p.name.replace("_", " ") for p in folders]
+        self.items = [(f, c) for c, d in enumerate(folders) for f in sorted(d.iterdir())
+                      if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if max_images is not None and len(self.items) > max_images:
+            # Keep class balance when capping: a fixed-stride subsample of the sorted list.
+            stride = len(self.items) / max_images
+            self.items = [self.items[int(i * stride)] for i in range(max_images)]
+        self.image_size, self.interpolation = image_size, interpolation
+        self.templates = _templates_near(root)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.items[i]
+        return {"image": load_image(path, self.image_size, self.interpolation), "label": label}
+
+
+def _templates_near(root: Path) -> list[str] | None:
+    """Prompt templates from a `corpus.json` next to the set (the embedded corpus ships its own)."""
+    for cand in (root / "corpus.json", root.parent / "corpus.json"):
+        if cand.is_file():
+            return list(json.loads(cand.read_text()).get("templates") or []) or None
+    return None
+
+
+class CaptionSet(Dataset):
+    """Images with several captions each, for retrieval.
+
+    Sources: a directory with `images/` and `captions.csv` (Flickr8k layout, optional `split_file`), an image
+    folder with an explicit captions CSV (`image,caption`) or JSONL (`{"image", "caption"}`), or webdataset tar
+    shards whose samples carry `json` with a `captions` list (else the single `txt`).
+    """
+
+    def __init__(self, source: str | Path, image_size: int, interpolation: str = "bicubic",
+                 captions: str | Path | None = None, split_file: str | Path | None = None,
+                 max_images: int | None = None) -> None:
+        self.image_size, self.interpolation = image_size, interpolation
+        self.items: list[tuple[Any, list[str]]] = _caption_items(source, captions, split_file)
+        if not self.items:
+            raise ValueError(f"retrieval set {source} holds no image with a caption")
+        if max_images is not None:
+            self.items = self.items[:max_images]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, caps = self.items[i]
+        return {"image": load_image(image, self.image_size, self.interpolation), "captions": caps}
+
+
+def _caption_items(source: str | Path, captions: str | Path | None, split_file: str | Path | None) -> list:
+    src = Path(str(source)).expanduser()
+    if src.is_dir() and captions is None:
+        for name in ("captions.csv", "captions.jsonl"):
+            if (src / name).is_file():
+                captions = src / name
+                break
+        if captions is not None and (src / "images").is_dir():
+            src = src / "images"
+    if captions is not None:
+        return _folder_items(src, Path(captions), split_file)
+    return _tar_items(str(source))
+
+
+def _folder_items(folder: Path, captions: Path, split_file: str | Path | None) -> list:
+    by_image: dict[str, list[str]] = {}
+    if captions.suffix == ".jsonl":
+        for line in captions.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_image.setdefault(rec["image"], []).append(rec["caption"])
+    else:
+        with open(captions, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                by_image.setdefault(row["image"], []).append(row["caption"])
+    keep = None
+    if split_file is not None:
+        keep = [ln.strip() for ln in Path(split_file).read_text().splitlines() if ln.strip()]
+    names = keep if keep is not None else sorted(by_image)
+    return [(folder / n, by_image[n]) for n in names if n in by_image and (folder / n).is_file()]
+
+
+def _tar_items(pattern: str) -> list:
+    import braceexpand
+
+    paths: list[Path] = []
+    for p in braceexpand.braceexpand(pattern):
+        pp = Path(p).expanduser()
+        paths.extend(sorted(pp.glob("*.tar")) if pp.is_dir() else [pp])
+    items = []
+    for path in paths:
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for key in sorted(samples):
+            s = samples[key]
+            image = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+            caps = json.loads(s["json"]).get("captions") if "json" in s else None
+            if not caps and "txt" in s:
+                caps = [s["txt"].decode("utf-8", errors="replace")]
+            if image is not None and caps:
+                items.append((image, list(caps)))
+    return items
+
+
+def collate_captions(batch: list[dict], tokenize: Callable[[list[str]], Tensor] | None = None) -> dict:
+    """Stack images; flatten captions with `owner` = index of their image in the batch (and tokens if asked)."""
+    captions = [c for b in batch for c in b["captions"]]
+    owner = torch.tensor([i for i, b in enumerate(batch) for _ in b["captions"]])
+    out = {"image": torch.stack([b["image"] for b in batch]), "captions": captions, "owner": owner}
+    if tokenize is not None:
+        out["text"] = tokenize(captions)
+    return out
+
+
+class _Encoder:
+    """Uniform `encode_images(uint8)` / `encode_texts(list[str])` over students, teachers and ensembles."""
+
+    def __init__(self, model: Any, kind: str, device: torch.device) -> None:
+        self.model, self.kind, self.device = model.to(device).eval(), kind, device
+        if kind == "student":
+            self.image_size, self.interpolation = model.image_size, model.interpolation
+        else:
+            members = list(model.values()) if hasattr(model, "values") else [model]
+            self.image_size = max(m.image_size for m in members)
+            self.interpolation = getattr(members[0].cfg, "interpolation", "bicubic")
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        images = images.to(self.device)
+        if self.kind == "student":
+            return self.model.encode_image(self.model.normalize(images), normalize=True).float()
+        return _concat(self.model.encode_image(images))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        if self.kind == "student":
+            return self.model.encode_text(self.model.tokenize(texts).to(self.device), normalize=True).float()
+        return _concat(self.model.encode_texts(texts))
+
+
+def _concat(out: Tensor | dict[str, Tensor]) -> Tensor:
+    # An ensemble embeds as the concatenation of its normalised members, scaled to unit norm: its cosine is then
+    # the mean of the members' cosines.
+    if isinstance(out, dict):
+        out = torch.cat([v.float() for v in out.values()], dim=-1) / math.sqrt(len(out))
+    return F.normalize(out.float(), dim=-1)
+
+
+def run_zeroshot(enc: _Encoder, ds: ImageFolderSet, templates: list[str], batch_size: int, workers: int = 0) -> dict:
+    """Top-1 (and top-5 when there are > 5 classes) accuracy in percent."""
+    classifier = zeroshot_classifier(enc.encode_texts, ds.classes, templates)
+    correct1 = correct5 = total = 0
+    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers):
+        logits = enc.encode_images(batch["image"]) @ classifier
+        labels = batch["label"].to(logits.device)
+        correct1 += int((logits.argmax(-1) == labels).sum())
+        if logits.shape[1] > 5:
+            correct5 += int((logits.topk(5, dim=-1).indices == labels[:, None]).any(-1).sum())
+        total += labels.numel()
+    out = {"zeroshot_top1": 100.0 * correct1 / total, "zeroshot_n": total, "zeroshot_classes": len(ds.classes)}
+    if len(ds.classes) > 5:
+        out["zeroshot_top5"] = 100.0 * correct5 / total
+    return out
+
+
+def run_retrieval(enc: _Encoder, ds: CaptionSet, batch_size: int, workers: int = 0) -> dict:
+    """Recall@1/5/10 in both directions, in percent."""
+    images, texts, owners, seen = [], [], [], 0
+    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_captions):
+        images.append(enc.encode_images(batch["image"]))
+        texts.append(enc.encode_texts(batch["captions"]))
+        owners.append(batch["owner"] + seen)
+        seen += batch["image"].shape[0]
+    out = retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(owners))
+    out.update({"retrieval_images": seen, "retrieval_captions": int(sum(t.shape[0] for t in texts))})
+    return out
+
+
+def evaluate(
+    student: str | None = None,
+    teacher: str | None = None,
+    data: EvalArgs = EvalArgs(),
+    out: Path | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
+) -> dict:
+    """Zero-shot classification and image<->text retrieval of a student or a teacher.
+
+    Args:
+        student: A trained student (directory written by `distill train`, or a .ckpt), `local-dir:PATH`, or a
+            registered student name (random weights: a chance-level baseline).
+        teacher: A teacher name instead (`local-dir:PATH`, `hf:DIR`, a registered name, or a comma list).
+        data: Evaluation sets; with none given, the embedded corpus's zero-shot and retrieval splits.
+        out: Write the results JSON here (atomically).
+        device: `auto`, `cpu` or `cuda`.
+        num_workers: DataLoader workers for decoding.
+
+    Returns:
+        The metrics dict (also written to `out`).
+    """
+    if (student is None) == (teacher is None):
+        raise ValueError("pass exactly one of --student or --teacher")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if student is not None:
+        from students import create_student, load_student
+
+        path = Path(student.removeprefix("local-dir:")).expanduser()
+        model = load_student(path) if path.exists() else create_student(student)
+        enc, name = _Encoder(model, "student", dev), student
+    else:
+        from teachers import create_teacher
+
+        enc, name = _Encoder(create_teacher(teacher), "teacher", dev), teacher
+    zs, ret = data.zeroshot, data.retrieval
+    if zs is None and ret is None:
+        from distill.data import default_corpus
+
+        root = default_corpus()
+        zs, ret = str(root / "zeroshot"), str(root / "val")
+    results: dict[str, Any] = {"model": name, "kind": "student" if student else "teacher",
+                               "image_size": enc.image_size, "device": str(dev)}
+    if zs is not None:
+        ds = ImageFolderSet(zs, enc.image_size, enc.interpolation, data.max_images)
+        templates = list(data.templates or ds.templates or CLIP_TEMPLATES)
+        results.update(run_zeroshot(enc, ds, templates, data.batch_size, num_workers))
+        results["zeroshot_set"] = str(zs)
+    if ret is not None:
+        ds = CaptionSet(ret, enc.image_size, enc.interpolation, data.retrieval_captions, data.retrieval_split_file,
+                        data.max_images)
+        results.update(run_retrieval(enc, ds, data.batch_size, num_workers))
+        results["retrieval_set"] = str(ret)
+    if out is not None:
+        _write_json(Path(out), results)
+    return results
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

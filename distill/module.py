@@ -1,0 +1,196 @@
+"""The Lightning system that trains a CLIP student: contrastive and distillation objectives, three data modes.
+
+Models are injected (Lightning's "system" style): `DistillModule(student, teacher, loss, optim)`.
+- reinforced (offline): `teacher=None`; targets are the stored teacher embeddings carried by the batch.
+- online: a frozen teacher (or ensemble) computes targets on the same images and captions under `no_grad`, kept in
+  eval mode, with its own preprocessing (open_clip `DistillCLIPTask`, timm `DistillationTeacher`).
+- scratch: no teacher and no targets; the loss is contrastive only.
+Validation encodes a zero-shot set and a retrieval set and logs top-1 and Recall@K (see `distill.evaluate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from distill.args import OptimArgs
+from distill.evaluate import retrieval_metrics, zeroshot_classifier
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DistillModule", "cosine_with_warmup"]
+
+_MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature at 100
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DistillModule(pl.LightningModule):
+    """Trains `student` against `loss`, with targets from the batch (reinforced), a live `teacher`, or none."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        loss: nn.Module,
+        optim: OptimArgs,
+        *,
+        max_steps: int,
+        channels_last: bool = False,
+        freeze_logit_scale: float | None = None,
+        zeroshot_classes: list[str] | None = None,
+        zeroshot_templates: list[str] | None = None,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        """Args:
+        student: A `students.CLIPStudent`.
+        teacher: A `teachers.TeacherEnsemble` for online distillation, or None.
+        loss: A `distill.losses.DistillLoss` (returns a dict of `*_loss`).
+        optim: Optimiser and schedule.
+        max_steps: Total optimizer steps (the cosine schedule's horizon).
+        channels_last: Feed the image tower channels-last tensors.
+        freeze_logit_scale: Fix the student's logit scale to this value (TinyCLIP: 50).
+        zeroshot_classes: Class names of validation dataloader 0 (when validating).
+        zeroshot_templates: Prompt templates with `{}` for those classes.
+        hparams: Plain-data hyper-parameters to store in checkpoints (student cfg, teacher name, data, ...).
+        """
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.loss = loss
+        self.optim = optim
+        self.max_steps = max_steps
+        self.channels_last = channels_last
+        self.zeroshot_classes = zeroshot_classes
+        self.zeroshot_templates = zeroshot_templates
+        if freeze_logit_scale is not None:
+            with torch.no_grad():
+                student.logit_scale.fill_(math.log(freeze_logit_scale))
+            student.logit_scale.requires_grad_(False)
+        # NOTE: only plain data goes into hparams, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"optim": asdict(optim), "max_steps": max_steps, **(hparams or {})})
+        self._val_store: dict[str, list] = {}
+
+    def forward(self, image: Tensor, text: Tensor, syn_text: Tensor | None = None) -> dict[str, Tensor]:
+        """Student embeddings for a batch. `image` is uint8 or [0, 1] at the student's size (normalised here)."""
+        pixels = self.student.normalize(image)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        image_features = self.student.encode_image(pixels, normalize=True)
+        out = {"image_features": image_features, "logit_scale": self.student.logit_scale.exp()}
+        if syn_text is None:
+            out["text_features"] = self.student.encode_text(text, normalize=True)
+        else:
+            # One text-tower pass for real and synthetic captions ([2B, L]), split afterwards (MobileCLIP).
+            both = self.student.encode_text(torch.cat([text, syn_text]), normalize=True)
+            out["text_features"], out["syn_text_features"] = both.split(text.shape[0])
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self(batch["image"], batch["text"], batch.get("syn_text"))
+        targets = self._targets(batch)
+        if out.get("syn_text_features") is not None and "teacher_syn_text_features" not in targets and targets:
+            # A live teacher without synthetic captions: score the synthetic caption contrastively only.
+            targets["teacher_syn_text_features"] = None
+        losses = self.loss(**out, **targets)
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None:
+            # Automatic inheritance: the Lagrangian sparsity term of the L0 masks (distill.callbacks).
+            losses["sparsity_loss"] = pruner.sparsity_loss(self.global_step)
+        total = sum(losses.values())
+        bs = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/logit_scale", out["logit_scale"].detach(), batch_size=bs)
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        feats = self.student.encode_image(self.student.normalize(batch["image"]), normalize=True).float()
+        if "label" in batch:
+            self._val_store.setdefault("zeroshot", []).append((feats, batch["label"]))
+        else:
+            texts = self.student.encode_text(batch["text"], normalize=True).float()  # [M, D], M captions
+            self._val_store.setdefault("retrieval", []).append((feats, texts, batch["owner"]))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics: dict[str, float] = {}
+        if "zeroshot" in self._val_store and self.zeroshot_classes:
+            feats = torch.cat([f for f, _ in self._val_store["zeroshot"]])
+            labels = torch.cat([lab for _, lab in self._val_store["zeroshot"]]).to(feats.device)
+            classifier = zeroshot_classifier(
+                lambda t: self.student.encode_text(self.student.tokenize(t).to(feats.device), normalize=True),
+                self.zeroshot_classes,
+                self.zeroshot_templates or ["a photo of a {}."],
+            )
+            metrics["val/zeroshot_top1"] = 100.0 * float(((feats @ classifier).argmax(-1) == labels).float().mean())
+        if "retrieval" in self._val_store:
+            owners, seen = [], 0
+            for f, _, own in self._val_store["retrieval"]:
+                owners.append(own.to(f.device) + seen)  # batch-local image index -> global index
+                seen += f.shape[0]
+            images = torch.cat([f for f, _, _ in self._val_store["retrieval"]])
+            texts = torch.cat([t for _, t, _ in self._val_store["retrieval"]])
+            for k, v in retrieval_metrics(images, texts, torch.cat(owners)).items():
+                metrics[f"val/{k}"] = v
+        self._val_store.clear()
+        if metrics:
+            self.log_dict(metrics, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in list(self.student.parameters()) + list(self.loss.parameters()) if p.requires_grad]
+        # nanoGPT rule: decay matrices/convs only; biases, norms and the logit scale (ndim < 2) are not decayed.
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        fused = all(p.is_cuda for p in params) and torch.cuda.is_available()
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr,
+            betas=self.optim.betas,
+            eps=self.optim.eps,
+            fused=fused or None,
+        )
+        warmup = min(self.optim.warmup_steps, self.max_steps // 5)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, warmup, self.max_steps, self.optim.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.student.logit_scale.requires_grad:
+            with torch.no_grad():
+                self.student.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+
+    def train(self, mode: bool = True) -> DistillModule:
+        """Switch the student's mode; the teacher always stays in eval (dropout/BN frozen)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def _targets(self, batch: dict) -> dict:
+        """Teacher targets: read from the batch (reinforced), computed by the live teacher (online), or none."""
+        if self.teacher is None:
+            return {k: v for k, v in batch.items() if k.startswith("teacher_")}
+        targets = {
+            "teacher_image_features": self.teacher.encode_image(batch["image"]),
+            "teacher_text_features": self.teacher.encode_texts(list(batch["caption"])),
+        }
+        if batch.get("syn_caption") is not None and batch.get("syn_text") is not None:
+            targets["teacher_syn_text_features"] = self.teacher.encode_texts(list(batch["syn_caption"]))
+        return targets

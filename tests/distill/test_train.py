@@ -1,0 +1,79 @@
+"""End-to-end `distill train` runs on the tiny corpus (litgpt test_lora_script style), all three modes."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from distill.cli import main
+
+
+def _args(root, corpus, *extra):
+    return [
+        "train", "--student", "test_tiny",
+        "--data.path", str(corpus / "train"), "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "1",
+        "--val.zeroshot", str(corpus / "zeroshot"), "--val.retrieval", str(corpus / "val"),
+        *extra,
+    ]
+
+
+def _losses(root):
+    with open(root / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return {int(r["step"]): float(r["train/loss"]) for r in rows}
+
+
+def test_scratch_mode_writes_checkpoint_student_and_run_json(tmp_path, tiny_corpus):
+    assert main(_args(tmp_path, tiny_corpus)) == 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    hparams = yaml.safe_load((tmp_path / "logs" / "hparams.yaml").read_text())
+    assert hparams["mode"] == "scratch" and hparams["student_cfg"]["name"] == "test_tiny"
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["steps"] == 3 and run["mode"] == "scratch"
+    assert {"val/zeroshot_top1", "val/i2t_R@1", "val/t2i_R@10"} <= set(run["metrics"])
+    assert run["versions"]["torch"] == torch.__version__.split("+")[0] or run["versions"]["torch"]
+    assert len(run["data_fingerprint"]) == 64
+    # The saved student is an open_clip model directory that loads back with identical weights.
+    from students import load_student
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    student = load_student(tmp_path / "student")
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"]["student." + k]), k
+    assert all(math.isfinite(v) for v in _losses(tmp_path).values())
+
+
+def test_online_mode_with_teacher_ensemble_logs_every_term(tmp_path, tiny_corpus):
+    assert main(_args(tmp_path, tiny_corpus, "--teacher", "test_tiny_ensemble", "--loss.preset", "clip_kd")) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["mode"] == "online"
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    for term in ("train/contrastive_loss", "train/kd_loss", "train/fd_loss", "train/icl_loss"):
+        assert term in header
+
+
+def test_tinyclip_preset_freezes_student_scale_at_50(tmp_path, tiny_corpus):
+    assert main(_args(tmp_path, tiny_corpus, "--teacher", "test_tiny", "--loss.preset", "tinyclip")) == 0
+    from students import load_student
+
+    scale = load_student(tmp_path / "student").logit_scale.exp().item()
+    assert scale == pytest.approx(50.0, rel=1e-5)
+
+
+def test_bad_flags_give_clear_errors(tmp_path, tiny_corpus, capsys):
+    assert main(_args(tmp_path, tiny_corpus, "--mode", "reinforced")) == 2
+    assert "build-data" in capsys.readouterr().err
+    assert main(_args(tmp_path, tiny_corpus, "--mode", "online")) == 2
+    assert "--teacher" in capsys.readouterr().err
+    assert main(_args(tmp_path, tiny_corpus, "--optim.lr", "-1")) == 2
+    assert "--optim.lr" in capsys.readouterr().err
+    with pytest.raises(KeyError, match="test_tiny"):
+        from students import create_student
+
+        create_student("test_tin")

@@ -1,0 +1,41 @@
+"""Import direction between the five packages (STYLE.md B1), checked on the source with `ast`."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("distill", "students", "teachers", "reinforced_data", "export")
+ALLOWED = {
+    "distill": set(PACKAGES),
+    "reinforced_data": {"reinforced_data", "teachers"},
+    "export": {"export", "students"},
+    "students": {"students"},
+    "teachers": {"teachers"},
+}
+# Lightning stays in distill: the data packages are usable without it.
+FORBIDDEN_THIRD_PARTY = {"reinforced_data": {"pytorch_lightning", "lightning"}}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_import_direction(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"{package} has no source"
+    for f in files:
+        imported = _imports(f)
+        bad = (imported & set(PACKAGES)) - ALLOWED[package]
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}: {package} may import only {sorted(ALLOWED[package])}"
+        bad3 = imported & FORBIDDEN_THIRD_PARTY.get(package, set())
+        assert not bad3, f"{f.relative_to(ROOT)} imports {sorted(bad3)}"

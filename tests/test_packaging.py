@@ -1,0 +1,41 @@
+"""The five packages import from this checkout (PyPI has unrelated `export`/`teachers` distributions)."""
+
+import importlib
+import importlib.metadata as md
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("package", ["distill", "students", "teachers", "reinforced_data", "export"])
+def test_package_comes_from_this_repo(package):
+    mod = importlib.import_module(package)
+    assert Path(mod.__file__).resolve().is_relative_to(ROOT), mod.__file__
+    assert getattr(mod, "__all__", None), f"{package} must declare __all__"
+
+
+def test_tests_package_is_not_installed():
+    files = md.files("mobileclip-distill") or []
+    assert not any(str(f).startswith("tests/") for f in files)
+    spec = importlib.util.find_spec("tests")
+    assert spec is None or Path(spec.origin or "").resolve().is_relative_to(ROOT)
+
+
+def test_console_script_points_at_cli_main():
+    eps = [e for e in md.entry_points(group="console_scripts") if e.name == "distill"]
+    assert eps and eps[0].value == "distill.cli:main"
+
+
+def test_pins_match_installed_versions():
+    # Every exact pin in setup.cfg is what is installed: the lock file and setup.cfg cannot drift apart.
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    for line in cfg["options"]["install_requires"].strip().splitlines():
+        name, _, version = line.strip().partition("==")
+        name = name.split("[")[0]
+        assert md.version(name) == version, f"{name}: setup.cfg pins {version}, installed {md.version(name)}"
