@@ -102,15 +102,29 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
             pts.append((rad * math.cos(a), rad * math.sin(a)))
     elif shape == "cross":
         w = 0.33
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(f"unknown polygon shape {shape!r}")
     ca, sa = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, int], cx: float, cy: float,
-                r: float, angle: float) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, int], cx: float, cy: float, r: float, angle: float
+) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     else:
@@ -126,8 +140,9 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def render_scene(seed: int, split: str, index: int, image_size: int = 64,
-                 n_objects: int | None = None) -> tuple[Image.Image, list[str], dict]:
+def render_scene(
+    seed: int, split: str, index: int, image_size: int = 64, n_objects: int | None = None
+) -> tuple[Image.Image, list[str], dict]:
     """Render one scene.
 
     Args:
@@ -177,7 +192,7 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64,
             centres = [(cross, first), (cross, second)]
         # Pairs use slightly smaller shapes so they never overlap.
         objs = [dict(o, _r=min(SIZES[o["size"]] * side * 0.75, r_max)) for o in objs]
-    for obj, (cx, cy) in zip(objs, centres):
+    for obj, (cx, cy) in zip(objs, centres, strict=True):
         r = obj.pop("_r", SIZES[obj["size"]] * side)
         _draw_shape(draw, obj["shape"], COLOURS[obj["colour"]], cx, cy, r, float(rng.uniform(-0.3, 0.3)))
     img = img.resize((image_size, image_size), Image.LANCZOS)

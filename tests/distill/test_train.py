@@ -77,3 +77,44 @@ def test_bad_flags_give_clear_errors(tmp_path, tiny_corpus, capsys):
         from students import create_student
 
         create_student("test_tin")
+
+
+def test_resume_after_sigkill_continues_the_same_loss_trajectory(tmp_path, tiny_corpus):
+    """A run killed with SIGKILL and restarted with the same command ends like an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(root):
+        args = _args(root, tiny_corpus, "--trainer.max_steps", "8", "--trainer.checkpoint_every_n_steps", "2",
+                     "--val.zeroshot", "null", "--val.retrieval", "null")
+        return [sys.executable, "-c", "import sys; from distill.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), check=True, env=env, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 2 <= resumed_at < 8, "the kill must land mid-run for this test to mean anything"
+    subprocess.run(cmd(run), check=True, env=env, capture_output=True)
+
+    a, b = _losses(ref), _losses(run)
+    after = [s for s in a if s >= resumed_at]
+    assert after and all(s in b for s in after)
+    for s in after:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), f"step {s}: {b[s]} vs {a[s]}"
+    final_a = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)
+    final_b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final_b["global_step"] == final_a["global_step"] == 8
+    for k, v in final_a["state_dict"].items():
+        torch.testing.assert_close(final_b["state_dict"][k], v, rtol=1e-5, atol=1e-6)

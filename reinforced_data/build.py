@@ -1,0 +1,840 @@
+"""`distill build-data`: write a reinforced (DataCompDR-layout) dataset from images and captions.
+
+For every input image the builder samples `num_augs` augmentation records, replays each at every teacher's
+resolution, stores the teachers' image embeddings of those views, the embeddings of the real caption and of
+`num_syn` synthetic captions per captioner, and writes one output tar per input shard (schema in `schema.py`).
+This follows RayGen (apple/ml-mobileclip-dr `scripts/gen.py`, embedding + caption modes) and MobileCLIP's
+DataCompDR (Vasu et al., CVPR'24), without Ray, and fixes its batching bug (apple/ml-mobileclip-dr#3: samples
+past the first batch of a shard lost their embeddings): each sample's embeddings travel with the sample.
+
+Design:
+- one rank per process (torchrun/SLURM env), each owning input shards `index % world == rank`; no coordinator:
+  a finished shard is a renamed tar plus a sidecar `_progress/<shard>.json`, and `manifest.jsonl` is rebuilt
+  idempotently from the sidecars by whichever rank finishes;
+- decoding and augmentation replay run in DataLoader workers, one task per batch of a shard, in order;
+- teachers run batched under `torch.inference_mode()`, in bf16 autocast on CUDA (open_clip attention uses SDPA);
+- records come from a per-view generator `(seed, uid, aug index)`, so outputs do not depend on worker count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from reinforced_data import schema
+from reinforced_data._io import (
+    TarShardWriter,
+    atomic_write_bytes,
+    atomic_write_json,
+    encode_npz,
+    sha256_bytes,
+    sha256_file,
+)
+from reinforced_data.augment import (
+    AugmentCfg,
+    ImageDecodeError,
+    center_view,
+    decode_image,
+    record_rng,
+    replay,
+    sample_record,
+    to_uint8_tensor,
+)
+from reinforced_data.sources import InputShard, SampleRef, check_caption, index_shard, read_sample, resolve_inputs
+
+__all__ = ["BuildArgs", "build_data", "dist_env", "rebuild_manifest", "shard_name"]
+
+_logger = logging.getLogger(__name__)
+
+ALT_SYN_KEY = "syn_text_alt"
+"""`syn.json` key holding a sample's other real captions (several captions per image on input)."""
+_MAX_LISTED_SKIPS = 100  # skipped uids listed per sidecar; the counts are always complete
+
+
+@dataclass
+class BuildArgs:
+    """Options of `distill build-data` (the `--build.*` group)."""
+
+    num_augs: int = 10
+    """Augmentations per image: records in `paug.json` and rows of `image_emb` (DataCompDR-1B: 10, -12M: 30)."""
+    num_syn: int = 5
+    """Synthetic captions per image and captioner (DataCompDR: 5)."""
+    batch_size: int = 256
+    """Images per batch; teacher forwards run on chunks of this many views."""
+    num_workers: int = 2
+    """DataLoader worker processes decoding and replaying augmentations (0: in the main process)."""
+    seed: int = 0
+    """Root seed of the augmentation records (per view: (seed, uid, aug index)) and of caption sampling."""
+    crop_size: int | None = None
+    """Size the records are sampled for (sets RandAugment translate pixels and the config's crop size);
+    null: the largest teacher resolution (224 for ViT-L/14 teachers, as DataCompDR)."""
+    scale_min: float = 0.08
+    """Smallest RandomResizedCrop area fraction."""
+    scale_max: float = 1.0
+    """Largest RandomResizedCrop area fraction."""
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    """Resize filter of the crop when replaying views for the teachers."""
+    rand_augment: bool = True
+    """Add RandAugment (2 ops, magnitude 9 of 31) to each record."""
+    magnitude: int = 9
+    """RandAugment magnitude bin (of 31)."""
+    hflip: bool = False
+    """Add a random horizontal flip to each record (DataCompDR does not flip)."""
+    top_p: float = 0.9
+    """Nucleus-sampling mass of the captioners."""
+    keep_images: bool = True
+    """Store the original image bytes (`jpg`); false keeps only `url.txt` (as the published DataCompDR)."""
+    alt_captions: bool = True
+    """When an image has several real captions (flickr8k, the shapes corpus), store the others under
+    `syn.json["syn_text_alt"]` with their embeddings, so they are sampled like synthetic captions."""
+    shard_size: int = 1000
+    """Images per shard when the input is an image folder (tar inputs keep their shards)."""
+    max_pixels: int | None = 89_478_485
+    """Skip images with more pixels than this (PIL's decompression-bomb limit); null disables the check."""
+    max_shards: int | None = None
+    """Only process the first N input shards (quick trials)."""
+    corpus_dir: str = "~/.cache/mobileclip-distill/shapes"
+    """Where the embedded shapes corpus is generated when no --input is given."""
+    device: str = "auto"
+    """Torch device; auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Teacher/captioner compute precision; auto: bf16 autocast on CUDA, fp32 on CPU."""
+    channels_last: bool = True
+    """Convert the models to channels-last memory format on CUDA (faster convolutional stems)."""
+    progress: bool = True
+    """Show a progress bar (images/s and ETA)."""
+
+    def __post_init__(self) -> None:
+        if self.num_augs < 1:
+            raise ValueError(f"--build.num_augs must be >= 1, got {self.num_augs}")
+        if self.num_syn < 0:
+            raise ValueError(f"--build.num_syn must be >= 0, got {self.num_syn}")
+        if self.batch_size < 1:
+            raise ValueError(f"--build.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"--build.num_workers must be >= 0, got {self.num_workers}")
+        if self.crop_size is not None and self.crop_size < 8:
+            raise ValueError(f"--build.crop_size must be >= 8 (or null), got {self.crop_size}")
+        if not 0.0 < self.scale_min <= self.scale_max <= 1.0:
+            raise ValueError(
+                f"--build.scale_min/--build.scale_max must satisfy 0 < min <= max <= 1, "
+                f"got {self.scale_min}, {self.scale_max}"
+            )
+        if not 0 <= self.magnitude < 31:
+            raise ValueError(f"--build.magnitude must be in [0, 30], got {self.magnitude}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--build.top_p must be in (0, 1], got {self.top_p}")
+        if self.shard_size < 1:
+            raise ValueError(f"--build.shard_size must be >= 1, got {self.shard_size}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"--build.max_pixels must be >= 1 (or null), got {self.max_pixels}")
+        if self.max_shards is not None and self.max_shards < 1:
+            raise ValueError(f"--build.max_shards must be >= 1 (or null), got {self.max_shards}")
+
+
+def shard_name(index: int) -> str:
+    """Output shard file name of input shard `index` (DataCompDR's `%08d.tar`)."""
+    return f"{index:08d}.tar"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """`(rank, world_size, local_rank)` from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or SLURM
+    (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) variables; `(0, 1, 0)` when neither is set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad distributed environment: rank {rank}, world size {world}")
+    return rank, world, local
+
+
+# --------------------------------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One batch of one shard, decoded and augmented by a DataLoader worker."""
+
+    shard: int
+    kind: str
+    path: str
+    batch: int
+    num_batches: int
+    refs: tuple[SampleRef, ...]
+
+
+class _ViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset over `_Task`s: reads, validates and decodes samples, samples records, replays views.
+
+    Returns per task a dict with the surviving samples (bytes, caption, records, ...), uint8 views per teacher
+    resolution `[n * K, 3, S, S]` (sample-major), captioner views `[n, 3, S, S]`, and `(uid, reason)` skips.
+    """
+
+    def __init__(
+        self,
+        aug: AugmentCfg,
+        num_augs: int,
+        seed: int,
+        view_sizes: tuple[int, ...],
+        caption_sizes: tuple[int, ...],
+        max_pixels: int | None,
+        alt_captions: bool,
+    ) -> None:
+        self.aug = aug
+        self.num_augs = num_augs
+        self.seed = seed
+        self.view_sizes = view_sizes
+        self.caption_sizes = caption_sizes
+        self.max_pixels = max_pixels
+        self.alt_captions = alt_captions
+        self._fh: tuple[str, Any] | None = None
+
+    def __len__(self) -> int:  # tasks come from the sampler; the length is unused
+        return 0
+
+    def _file(self, path: str):
+        # One open tar per worker, reused across the batches of a shard.
+        if self._fh is None or self._fh[0] != path:
+            if self._fh is not None:
+                self._fh[1].close()
+            self._fh = (path, open(path, "rb"))
+        return self._fh[1]
+
+    def close(self) -> None:
+        """Close the cached tar handle (the in-process dataset of `num_workers=0`)."""
+        if self._fh is not None:
+            self._fh[1].close()
+            self._fh = None
+
+    def __getitem__(self, task: _Task) -> dict:
+        shard = InputShard(index=task.shard, name="", kind=task.kind, path=task.path)  # type: ignore[arg-type]
+        fh = self._file(task.path) if task.kind == "tar" else None
+        samples, skipped = [], []
+        views: dict[int, list[torch.Tensor]] = {s: [] for s in self.view_sizes}
+        cap_views: dict[int, list[torch.Tensor]] = {s: [] for s in self.caption_sizes}
+        for ref in task.refs:
+            raw = read_sample(shard, ref, fh)
+            reason, caption = check_caption(raw.caption)
+            if raw.error is not None:
+                reason = raw.error
+            elif raw.image is None:
+                reason = "no_image"
+            if reason is not None:
+                skipped.append((raw.uid, reason))
+                continue
+            try:
+                img = decode_image(raw.image, self.max_pixels)
+            except ImageDecodeError as exc:
+                skipped.append((raw.uid, exc.reason))
+                continue
+            records = [
+                sample_record(img.width, img.height, record_rng(self.seed, raw.uid, k), self.aug)
+                for k in range(self.num_augs)
+            ]
+            for size in self.view_sizes:
+                views[size].extend(to_uint8_tensor(replay(img, rec, size, self.aug.interpolation)) for rec in records)
+            for size in self.caption_sizes:
+                cap_views[size].append(to_uint8_tensor(center_view(img, size, "bicubic")))
+            alt: list[str] = []
+            if self.alt_captions:
+                for c in raw.captions:
+                    ok, text = check_caption(c)
+                    if ok is None and text != caption and text not in alt:
+                        alt.append(text)
+            samples.append(
+                {
+                    "uid": raw.uid,
+                    "image": raw.image,
+                    "sha256": sha256_bytes(raw.image),
+                    "caption": caption,
+                    "alt": alt,
+                    "url": raw.url,
+                    "meta": raw.meta,
+                    "records": records,
+                    "size": [img.width, img.height],
+                }
+            )
+        return {
+            "task": (task.shard, task.batch, task.num_batches),
+            "samples": samples,
+            "skipped": skipped,
+            "views": {s: torch.stack(v) for s, v in views.items() if v},
+            "cap_views": {s: torch.stack(v) for s, v in cap_views.items() if v},
+        }
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _worker_init(_: int) -> None:
+    # Workers decode and resample with PIL; one torch thread each avoids oversubscribing the cores.
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------------- main side
+
+
+def _teach_meta(ens: Any, aug: AugmentCfg) -> dict:
+    teachers = []
+    for name, t in ens.items():
+        cfg = t.cfg
+        teachers.append(
+            {
+                "name": name,
+                "source": cfg.source,
+                "arch": cfg.arch,
+                "pretrained": cfg.pretrained,
+                "weights": cfg.weights.file if cfg.weights is not None else None,
+                "dim": int(t.embed_dim),
+                "logit_scale": float(t.logit_scale),
+                "image_size": int(t.image_size),
+                "mean": [float(v) for v in cfg.mean],
+                "std": [float(v) for v in cfg.std],
+                "interpolation": t.interpolation,
+                "context_length": int(t.context_length),
+                "normalized": True,
+            }
+        )
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "dr_version": 1,
+        "ensemble": ens.name,
+        "teachers": teachers,
+        "aug_crop": aug.crop_size,
+        "view_interpolation": aug.interpolation,
+    }
+
+
+def _dr_config(
+    teach: dict, aug: AugmentCfg, args: BuildArgs, captioners: list[Any], shards: list[InputShard], input: Any
+) -> dict:
+    first = teach["teachers"][0]
+    image_aug = aug.to_dr_config()
+    # NOTE: Apple's loader deletes `normalize` and substitutes the student's; it must exist.
+    image_aug["normalize"] = {"mean": first["mean"], "std": first["std"]}
+    names = "\n".join(s.name for s in shards)
+    return {
+        "model_name": ",".join(t["arch"] for t in teach["teachers"]),
+        "pretrained": ",".join(t["pretrained"] or "N/A" for t in teach["teachers"]),
+        "num_samples": args.num_augs,
+        "reinforce": {"image_augmentation": image_aug},
+        "build": {
+            "schema_version": schema.SCHEMA_VERSION,
+            "teacher": teach["ensemble"],
+            "teacher_dims": {t["name"]: t["dim"] for t in teach["teachers"]},
+            "captioners": [{"name": c.name, "syn_key": c.syn_key} for c in captioners],
+            "num_syn": args.num_syn if captioners else 0,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "keep_images": args.keep_images,
+            "alt_captions": args.alt_captions,
+            "max_pixels": args.max_pixels,
+            "input": None if input is None else str(input),
+            "num_input_shards": len(shards),
+            "inputs_sha256": hashlib.sha256(names.encode()).hexdigest(),
+        },
+    }
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON objects differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _sidecar_path(root: Path, index: int) -> Path:
+    return root / schema.PROGRESS_DIR / f"{shard_name(index)}.json"
+
+
+def _shard_done(root: Path, index: int) -> bool:
+    side = _sidecar_path(root, index)
+    tar = root / shard_name(index)
+    if not side.is_file() or not tar.is_file():
+        return False
+    try:
+        info = json.loads(side.read_text())
+    except ValueError:
+        return False
+    return int(info.get("bytes", -1)) == tar.stat().st_size
+
+
+def rebuild_manifest(root: str | os.PathLike) -> dict:
+    """Rebuild `manifest.jsonl` and `progress.json` from the per-shard sidecars (idempotent, no coordinator).
+
+    Ranks call this when they finish; a rank re-lists the sidecars after writing and rewrites until the listing
+    is stable, so the last writer always reflects every finished shard.
+
+    Returns:
+        The `progress.json` contents.
+    """
+    root = Path(root)
+    side_dir = root / schema.PROGRESS_DIR
+    config = json.loads((root / schema.CONFIG_FILE).read_text()) if (root / schema.CONFIG_FILE).is_file() else {}
+    expected = config.get("build", {}).get("num_input_shards")
+    progress: dict = {}
+    for _ in range(10):
+        names = sorted(p.name for p in side_dir.glob("*.tar.json")) if side_dir.is_dir() else []
+        lines, total, skipped = [], 0, Counter()
+        for name in names:
+            info = json.loads((side_dir / name).read_text())
+            lines.append(
+                json.dumps(
+                    {
+                        "shard": info["shard"],
+                        "num_samples": info["num_samples"],
+                        "sha256": info["sha256"],
+                        "input": info.get("input"),
+                    }
+                )
+            )
+            total += int(info["num_samples"])
+            skipped.update(info.get("skipped", {}))
+        atomic_write_bytes(root / schema.MANIFEST_FILE, "".join(line + "\n" for line in lines).encode())
+        progress = {
+            "num_input_shards": expected,
+            "shards_done": len(names),
+            "num_samples": total,
+            "skipped": dict(sorted(skipped.items())),
+            "complete": expected is not None and len(names) >= expected,
+        }
+        atomic_write_json(root / schema.PROGRESS_FILE, progress)
+        again = sorted(p.name for p in side_dir.glob("*.tar.json")) if side_dir.is_dir() else []
+        if again == names:
+            break
+    return progress
+
+
+class _Encoder:
+    """Batched teacher / captioner inference on one device."""
+
+    def __init__(self, ens: Any, captioners: list[Any], device: torch.device, args: BuildArgs) -> None:
+        self.ens = ens
+        self.captioners = captioners
+        self.device = device
+        self.chunk = args.batch_size
+        self.args = args
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def images(self, views: dict[int, torch.Tensor]) -> torch.Tensor:
+        """`{size: uint8 [N, 3, S, S]}` -> `[N, sum(D)]` float32, each teacher slice re-normalised in fp32."""
+        outs = []
+        for _, member in self.ens.items():
+            px = views[member.image_size]
+            feats = []
+            for start in range(0, px.shape[0], self.chunk):
+                x = px[start : start + self.chunk].to(self.device, non_blocking=True)
+                with self.autocast():
+                    feats.append(member.encode_image(x).float())
+            outs.append(torch.nn.functional.normalize(torch.cat(feats), dim=-1))
+        return torch.cat(outs, dim=1).cpu()
+
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        """Strings -> `[N, sum(D)]` float32."""
+        outs = []
+        for _, member in self.ens.items():
+            feats = []
+            for start in range(0, len(texts), self.chunk):
+                with self.autocast():
+                    feats.append(member.encode_texts(texts[start : start + self.chunk]).float())
+            outs.append(torch.nn.functional.normalize(torch.cat(feats), dim=-1))
+        return torch.cat(outs, dim=1).cpu()
+
+    def captions(self, cap_views: dict[int, torch.Tensor], seed: int) -> list[list[list[str]]]:
+        """Per captioner, per image, up to `num_syn` captions."""
+        out = []
+        for cap in self.captioners:
+            px = cap_views[cap.image_size]
+            per_image: list[list[str]] = []
+            for start in range(0, px.shape[0], self.chunk):
+                with self.autocast():
+                    per_image.extend(
+                        cap.generate(
+                            px[start : start + self.chunk].to(self.device, non_blocking=True),
+                            self.args.num_syn,
+                            seed=seed + start,
+                            top_p=self.args.top_p,
+                        )
+                    )
+            out.append(per_image)
+        return out
+
+
+def _batch_seed(seed: int, shard: int, batch: int) -> int:
+    digest = hashlib.sha256(f"{seed}/caption/{shard}/{batch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def _sample_members(
+    sample: dict, syn: dict[str, list[str]], emb: dict[str, np.ndarray], teach_bytes: bytes, keep_images: bool
+) -> dict[str, bytes]:
+    meta = {k: v for k, v in sample["meta"].items() if k not in ("uid", "sha256", "captions")}
+    doc: dict[str, Any] = {
+        "uid": sample["uid"],
+        "sha256": sample["sha256"],
+        "width": sample["size"][0],
+        "height": sample["size"][1],
+    }
+    doc.update({k: v for k, v in meta.items() if k not in doc})
+    if sample["alt"]:
+        doc["captions"] = [sample["caption"], *sample["alt"]]
+    members: dict[str, bytes] = {}
+    if keep_images:
+        members[schema.KEY_IMAGE] = sample["image"]
+    if sample["url"]:
+        members[schema.KEY_URL] = sample["url"].encode()
+    members[schema.KEY_TXT] = sample["caption"].encode()
+    members[schema.KEY_JSON] = json.dumps(doc, ensure_ascii=False).encode()
+    if syn:
+        members[schema.KEY_SYN] = json.dumps(syn, ensure_ascii=False).encode()
+    members[schema.KEY_PAUG] = json.dumps({"param_aug": sample["records"]}).encode()
+    members[schema.KEY_NPZ] = encode_npz(emb)
+    members[schema.KEY_TEACH] = teach_bytes
+    return members
+
+
+def build_data(
+    out: Path | None = None,
+    input: str | None = None,
+    captions: Path | None = None,
+    split_file: Path | None = None,
+    teacher: str | None = None,
+    captioner: str | None = None,
+    build: BuildArgs = BuildArgs(),  # noqa: B008 - jsonargparse/litgpt dataclass-group default, never mutated
+    verify: Path | None = None,
+) -> dict:
+    """Build a reinforced dataset (DataCompDR layout), or check one with `--verify DIR`.
+
+    Resumable: finished shards are kept, partial ones (a killed run) are rebuilt from scratch with the same
+    records, so a restarted run gives the dataset an uninterrupted one would. Under torchrun or SLURM every rank
+    processes its own input shards.
+
+    Args:
+        out: Output dataset directory.
+        input: Input data: webdataset tars (brace patterns, globs, `a::b` lists, or a directory of tars), an image
+            folder (with --captions), a directory holding `images/` + `captions.csv` (flickr8k), or null for the
+            embedded shapes corpus (train split).
+        captions: Captions file for an image folder: CSV `image,caption` (several rows per image allowed) or JSONL.
+        split_file: Image names to keep, one per line (e.g. flickr8k splits/train.txt).
+        teacher: Teacher name (registered, `open_clip:ARCH@TAG_OR_FILE`, `local-dir:PATH`, `hf:ID_OR_DIR`) or a
+            comma-separated ensemble; embeddings are stored in this slice order.
+        captioner: Captioner name(s), comma-separated for several (one `syn_text_<tag>` key each); null writes
+            no synthetic captions.
+        build: Builder options.
+        verify: Check an existing dataset directory instead of building (exits non-zero on any problem).
+
+    Returns:
+        A summary: counts (written, skipped by reason, shards done/resumed), images/s, wall time; with --verify,
+        the verification report.
+    """
+    if verify is not None:
+        from reinforced_data.verify import verify_dataset
+
+        report = verify_dataset(verify)
+        if not report["ok"]:
+            for problem in report["problems"]:
+                _logger.error("verify: %s", problem)
+            raise SystemExit(f"verify {verify}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
+        return report
+    if out is None:
+        raise ValueError("--out is required to build a dataset (or pass --verify DIR)")
+    if teacher is None:
+        raise ValueError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
+    return _build(Path(out), input, captions, split_file, teacher, captioner, build)
+
+
+def _build(
+    out: Path,
+    input: str | None,
+    captions: Path | None,
+    split_file: Path | None,
+    teacher_name: str,
+    captioner_names: str | None,
+    args: BuildArgs,
+) -> dict:
+    import teachers
+
+    t_start = time.perf_counter()
+    rank, world, local_rank = dist_env()
+    device = _resolve_device(args.device, local_rank)
+    shards = resolve_inputs(
+        input,
+        captions=captions,
+        split_file=split_file,
+        shard_size=args.shard_size,
+        corpus_dir=args.corpus_dir,
+    )
+    if args.max_shards is not None:
+        shards = shards[: args.max_shards]
+
+    ens = teachers.as_ensemble(teachers.create_teacher(teacher_name))
+    caps = [teachers.create_captioner(n.strip()) for n in (captioner_names or "").split(",") if n.strip()]
+    if caps and args.num_syn == 0:
+        _logger.warning("--build.num_syn is 0: the captioners are not run")
+        caps = []
+    syn_keys = [c.syn_key for c in caps]
+    if len(set(syn_keys)) != len(syn_keys):
+        raise ValueError(f"captioners share a syn.json key ({syn_keys}); give them distinct tags")
+    ens.to(device)
+    for c in caps:
+        c.to(device)
+    if device.type == "cuda" and args.channels_last:
+        ens.to(memory_format=torch.channels_last)
+    crop = args.crop_size or max(t.image_size for t in ens.values())
+    aug = AugmentCfg(
+        crop_size=crop,
+        scale=(args.scale_min, args.scale_max),
+        interpolation=args.interpolation,
+        rand_augment=args.rand_augment,
+        magnitude=args.magnitude,
+        hflip=args.hflip,
+    )
+    teach = _teach_meta(ens, aug)
+    config = _dr_config(teach, aug, args, caps, shards, input)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / schema.PROGRESS_DIR).mkdir(exist_ok=True)
+    cfg_path = out / schema.CONFIG_FILE
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        diff = _diff_keys(old, json.loads(json.dumps(config)))
+        if diff:
+            raise ValueError(
+                f"--out {str(out)!r} holds a dataset built with other arguments (differs in: {', '.join(diff)}); "
+                "use a new --out directory or delete this one"
+            )
+    else:
+        atomic_write_json(cfg_path, config)
+    atomic_write_json(out / schema.TEACH_FILE, teach)
+
+    owned = [s for s in shards if s.index % world == rank]
+    todo = [s for s in owned if not _shard_done(out, s.index)]
+    resumed = len(owned) - len(todo)
+    _cleanup_tmp(out, {shard_name(s.index) for s in todo})
+    _logger.info(
+        "build-data rank %d/%d on %s: %d input shards, %d owned, %d already done, teachers %s (dims %s), "
+        "%d augs, captioners %s",
+        rank,
+        world,
+        device,
+        len(shards),
+        len(owned),
+        resumed,
+        ens.names,
+        ens.embed_dims,
+        args.num_augs,
+        [c.name for c in caps],
+    )
+
+    view_sizes = tuple(sorted({t.image_size for t in ens.values()}))
+    cap_sizes = tuple(sorted({c.image_size for c in caps}))
+    dataset = _ViewDataset(aug, args.num_augs, args.seed, view_sizes, cap_sizes, args.max_pixels, args.alt_captions)
+    bar = _progress_bar(args.progress, rank)
+    tasks = _tasks(todo, args.batch_size, bar)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=tasks,  # type: ignore[arg-type]  # any iterable of indices works
+        num_workers=args.num_workers,
+        collate_fn=_identity,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if args.num_workers > 0 else None,
+        prefetch_factor=2 if args.num_workers > 0 else None,
+    )
+    encoder = _Encoder(ens, caps, device, args)
+    input_names = {s.index: s.name for s in todo}
+    teach_bytes = json.dumps(teach, separators=(",", ":")).encode()
+
+    stats = Counter()
+    skipped_total: Counter = Counter()
+    writer: TarShardWriter | None = None
+    shard_skips: Counter = Counter()
+    shard_skipped_uids: list[list[str]] = []
+    shard_uids: set[str] = set()
+    t_loop = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for item in loader:
+                shard_idx, batch_idx, num_batches = item["task"]
+                if writer is None:
+                    writer = TarShardWriter(out / shard_name(shard_idx))
+                    shard_skips, shard_skipped_uids, shard_uids = Counter(), [], set()
+                for uid, reason in item["skipped"]:
+                    shard_skips[reason] += 1
+                    if len(shard_skipped_uids) < _MAX_LISTED_SKIPS:
+                        shard_skipped_uids.append([uid, reason])
+                samples = item["samples"]
+                if samples:
+                    _write_batch(
+                        writer,
+                        item,
+                        encoder,
+                        args,
+                        shard_idx,
+                        batch_idx,
+                        teach_bytes,
+                        syn_keys,
+                        shard_uids,
+                        shard_skips,
+                        shard_skipped_uids,
+                    )
+                bar.update(len(samples) + len(item["skipped"]))
+                _logger.debug("shard %d: wrote batch %d/%d", shard_idx, batch_idx + 1, num_batches)
+                if batch_idx == num_batches - 1:
+                    writer.close()
+                    path = out / shard_name(shard_idx)
+                    sidecar = {
+                        "shard": shard_name(shard_idx),
+                        "input": input_names[shard_idx],
+                        "num_samples": writer.count,
+                        "sha256": sha256_file(path),
+                        "bytes": path.stat().st_size,
+                        "skipped": dict(sorted(shard_skips.items())),
+                        "skipped_uids": shard_skipped_uids,
+                        "rank": rank,
+                        "batch_size": args.batch_size,
+                    }
+                    atomic_write_json(_sidecar_path(out, shard_idx), sidecar)
+                    stats["written"] += writer.count
+                    stats["shards_done"] += 1
+                    skipped_total.update(shard_skips)
+                    writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+        bar.close()
+        dataset.close()
+    loop_time = time.perf_counter() - t_loop
+    progress = rebuild_manifest(out)
+    processed = stats["written"] + sum(skipped_total.values())
+    summary = {
+        "out": str(out),
+        "rank": rank,
+        "world_size": world,
+        "device": str(device),
+        "teachers": ens.names,
+        "written": stats["written"],
+        "skipped": dict(sorted(skipped_total.items())),
+        "shards_done": stats["shards_done"],
+        "shards_resumed": resumed,
+        "shards_owned": len(owned),
+        "shards_total": len(shards),
+        "views_per_image": args.num_augs,
+        "images_per_s": round(processed / loop_time, 2) if processed else None,
+        "views_per_s": round(stats["written"] * args.num_augs / loop_time, 2) if processed else None,
+        "wall_time_s": round(time.perf_counter() - t_start, 2),
+        "dataset_complete": progress.get("complete", False),
+        "dataset_samples": progress.get("num_samples"),
+    }
+    _logger.info("build-data summary: %s", summary)
+    return summary
+
+
+def _write_batch(
+    writer: TarShardWriter,
+    item: dict,
+    encoder: _Encoder,
+    args: BuildArgs,
+    shard_idx: int,
+    batch_idx: int,
+    teach_bytes: bytes,
+    syn_keys: list[str],
+    shard_uids: set[str],
+    shard_skips: Counter,
+    shard_skipped_uids: list[list[str]],
+) -> None:
+    samples = item["samples"]
+    n, k = len(samples), args.num_augs
+    # [n * K, sum(D)] -> [n, K, sum(D)]: views are sample-major (all K views of sample 0 first)
+    image_emb = encoder.images(item["views"]).reshape(n, k, -1).numpy()
+    generated = encoder.captions(item["cap_views"], _batch_seed(args.seed, shard_idx, batch_idx))
+    # Per sample: its syn.json dict, in key order (captioners, then the alternative real captions).
+    syn_docs: list[dict[str, list[str]]] = []
+    for i, s in enumerate(samples):
+        doc = {key: caps_i[i] for key, caps_i in zip(syn_keys, generated, strict=True) if caps_i[i]}
+        if s["alt"]:
+            doc[ALT_SYN_KEY] = s["alt"]
+        syn_docs.append(doc)
+    # One text forward for every caption of the batch: real captions first, then each sample's syn lists.
+    texts = [s["caption"] for s in samples]
+    for doc in syn_docs:
+        for caps in doc.values():
+            texts.extend(caps)
+    text_emb = encoder.texts(texts).numpy()
+    offset = n
+    for i, s in enumerate(samples):
+        emb = {
+            schema.IMAGE_EMB: image_emb[i].astype(np.float16),
+            schema.TEXT_EMB: text_emb[i : i + 1].astype(np.float16),
+        }
+        for key, caps in syn_docs[i].items():
+            emb[schema.syn_emb_name(key)] = text_emb[offset : offset + len(caps)].astype(np.float16)
+            offset += len(caps)
+        if s["uid"] in shard_uids:
+            shard_skips["duplicate_uid"] += 1
+            if len(shard_skipped_uids) < _MAX_LISTED_SKIPS:
+                shard_skipped_uids.append([s["uid"], "duplicate_uid"])
+            continue
+        shard_uids.add(s["uid"])
+        writer.write(s["uid"], _sample_members(s, syn_docs[i], emb, teach_bytes, args.keep_images))
+
+
+def _tasks(shards: list[InputShard], batch_size: int, bar: Any) -> Iterator[_Task]:
+    """Batches of each shard in order; shards are indexed lazily (headers only) as the loader asks for work."""
+    seen = 0
+    for n, shard in enumerate(shards):
+        refs = index_shard(shard)
+        seen += len(refs)
+        # ETA: extrapolate the average shard size to the shards not indexed yet.
+        bar.total = seen + math.ceil(seen / (n + 1) * (len(shards) - n - 1))
+        bar.refresh()
+        num_batches = max(1, math.ceil(len(refs) / batch_size))
+        for b in range(num_batches):
+            chunk = tuple(refs[b * batch_size : (b + 1) * batch_size])
+            yield _Task(shard.index, shard.kind, shard.path, b, num_batches, chunk)
+
+
+def _progress_bar(enabled: bool, rank: int) -> Any:
+    from tqdm.auto import tqdm
+
+    # NOTE: mininterval keeps non-interactive logs (SLURM) from filling up with bar redraws.
+    return tqdm(total=0, unit="img", desc=f"build-data[{rank}]", disable=not enabled, dynamic_ncols=True, mininterval=2)
+
+
+def _cleanup_tmp(root: Path, names: set[str]) -> None:
+    """Delete partial shards (`<name>.tmp-<pid>`) left by a killed run, for the shards this rank will rebuild."""
+    for path in root.iterdir():
+        base, sep, _ = path.name.partition(".tmp-")
+        if sep and base in names:
+            _logger.info("removing partial shard %s from an interrupted run", path.name)
+            path.unlink(missing_ok=True)

@@ -1,0 +1,401 @@
+"""Input samples for `build-data` and the online/scratch pipelines, grouped into input shards.
+
+Three input kinds (docs/DESIGN.md, reinforced_data):
+
+- webdataset tar shards as img2dataset writes them (image in `jpg`/`jpeg`/`png`/`webp`, caption in `txt` or in
+  `json["caption"]`), given as local paths with brace patterns (`data/{00000..00009}.tar`), globs, a directory of
+  tars, or several specs joined with `::` (webdataset's separator); one tar is one shard;
+- an image folder plus a captions file: CSV with an `image,caption` header (several rows per image allowed) or
+  JSONL (`{"image": ..., "caption": str | [str]}`), optionally restricted by a split file listing image names.
+  A directory holding `images/` and `captions.csv` (flickr8k's layout) is recognised as such. Images are sorted by
+  name and cut into virtual shards of `shard_size` images;
+- the embedded shapes corpus (`shapes.py`), the default when no input is given.
+
+Shards are indexed lazily (tar headers only, no pixel data), so memory stays bounded by what the caller keeps.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reinforced_data import schema
+
+__all__ = [
+    "InputShard",
+    "RawSample",
+    "SampleRef",
+    "check_caption",
+    "index_shard",
+    "iter_samples",
+    "load_captions",
+    "read_sample",
+    "resolve_inputs",
+]
+
+_logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "image_path", "path", "img")
+_CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "sentence", "raw")
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key = path up to the first dot
+_UID_BAD = re.compile(r"[^A-Za-z0-9_\-/]+")
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    """One image of a folder input: its path relative to the folder and its captions (file order)."""
+
+    image: str
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """A unit of work: one tar, or a contiguous run of folder images."""
+
+    index: int
+    """Position in the ordered input list; the output shard is `{index:08d}.tar`."""
+    name: str
+    """Human-readable origin (tar path, or `<folder>#<k>`), recorded in the progress sidecar."""
+    kind: Literal["tar", "folder"]
+    path: str
+    """The tar file, or the image folder."""
+    items: tuple[FolderItem, ...] = ()
+    """Folder shards: their images and captions."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives: tar member `(offset, size)` by extension, or a folder item."""
+
+    key: str
+    members: tuple[tuple[str, int, int], ...] = ()
+    item: FolderItem | None = None
+
+
+@dataclass
+class RawSample:
+    """One input sample before decoding. Captions are kept as read (a `bytes` caption may be non-UTF-8)."""
+
+    uid: str
+    image: bytes | None
+    caption: str | bytes | None
+    captions: list[str] = field(default_factory=list)
+    """All real captions when the input has several (the first is `caption`)."""
+    url: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Input metadata (the tar's `json` member, or the folder item's path)."""
+    error: str | None = None
+    """Skip reason found while reading (e.g. `missing_image`)."""
+
+
+def check_caption(caption: str | bytes | None) -> tuple[str | None, str]:
+    """Validate a caption: `(skip reason or None, whitespace-normalised caption)`.
+
+    Reasons: `no_caption`, `caption_not_utf8` (bytes, or lone surrogates from a captions file), `empty_caption`.
+    """
+    if caption is None:
+        return "no_caption", ""
+    if isinstance(caption, bytes):
+        return "caption_not_utf8", ""
+    try:
+        caption.encode("utf-8")  # lone surrogates (undecodable bytes in a captions file) fail here
+    except UnicodeEncodeError:
+        return "caption_not_utf8", ""
+    text = " ".join(caption.split())
+    if not text:
+        return "empty_caption", ""
+    return None, text
+
+
+def sanitize_uid(key: str) -> str:
+    """A webdataset-safe key: no dots (webdataset splits keys at the first dot), only `[A-Za-z0-9_-/]`."""
+    uid = _UID_BAD.sub("_", key).strip("/")
+    return uid or "_"
+
+
+# ----------------------------------------------------------------------------------------------------------- inputs
+
+
+def _expand(spec: str) -> list[str]:
+    import braceexpand
+
+    out: list[str] = []
+    for part in spec.split("::"):
+        part = os.path.expanduser(part.strip())
+        if not part:
+            continue
+        for path in braceexpand.braceexpand(part):
+            if any(c in path for c in "*?["):
+                out.extend(sorted(glob.glob(path)))
+            else:
+                out.append(path)
+    return out
+
+
+def resolve_inputs(
+    input: str | os.PathLike | None = None,
+    *,
+    captions: str | os.PathLike | None = None,
+    split_file: str | os.PathLike | None = None,
+    shard_size: int = 1000,
+    corpus_dir: str | os.PathLike = "~/.cache/mobileclip-distill/shapes",
+    corpus_split: str = "train",
+) -> list[InputShard]:
+    """Resolve an input spec into ordered input shards.
+
+    Args:
+        input: Tar paths (brace patterns, globs, `::`-joined lists, or a directory of tars), an image folder, a
+            directory with `images/` + `captions.csv|jsonl`, or None / "shapes" for the embedded corpus.
+        captions: Captions file for an image folder.
+        split_file: Image names to keep (one per line), e.g. flickr8k `splits/train.txt`.
+        shard_size: Images per virtual shard of a folder input.
+        corpus_dir: Where the embedded corpus lives when `input` is None (generated with the default config unless
+            a complete corpus is already there).
+        corpus_split: Corpus split to use ("train" or "val").
+
+    Raises:
+        FileNotFoundError: When the spec matches nothing.
+        ValueError: On an inconsistent spec (e.g. a folder without captions).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    spec = None if input is None else str(input)
+    if spec is None or spec in ("shapes", "shapes:train", "shapes:val"):
+        from reinforced_data.shapes import write_shapes_corpus
+
+        split = spec.split(":", 1)[1] if spec and ":" in spec else corpus_split
+        root = Path(os.path.expanduser(str(corpus_dir)))
+        # NOTE: an existing complete corpus (corpus.json is written last) is used as is, whatever its config, so a
+        # smaller or custom corpus written with write_shapes_corpus can stand in for the default one.
+        if (root / "corpus.json").is_file():
+            meta = json.loads((root / "corpus.json").read_text())
+        else:
+            meta = write_shapes_corpus(root)
+        paths = [str(root / p) for p in meta["shards"][split]]
+        return [InputShard(index=k, name=p, kind="tar", path=p) for k, p in enumerate(paths)]
+
+    paths = _expand(spec)
+    if not paths:
+        raise FileNotFoundError(f"--input {spec!r} matches no file")
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        folder = Path(paths[0])
+        tars = sorted(str(p) for p in folder.glob("*.tar"))
+        if tars and captions is None:
+            paths = tars
+        else:
+            return _folder_shards(folder, captions, split_file, shard_size)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"--input: {len(missing)} shard(s) not found, e.g. {missing[0]!r}")
+    if split_file is not None:
+        _logger.warning("--split_file applies to image folders only; ignored for tar shards")
+    return [InputShard(index=k, name=p, kind="tar", path=p) for k, p in enumerate(paths)]
+
+
+def _folder_shards(
+    folder: Path, captions: str | os.PathLike | None, split_file: str | os.PathLike | None, shard_size: int
+) -> list[InputShard]:
+    image_dir = folder
+    if captions is None:
+        # flickr8k-style root: images/ + captions.csv (or .jsonl)
+        for name in ("captions.csv", "captions.jsonl", "captions.json"):
+            if (folder / name).is_file():
+                captions = folder / name
+                break
+        if captions is None:
+            raise ValueError(
+                f"--input {str(folder)!r} is an image folder: pass --captions FILE (CSV `image,caption` or JSONL)"
+            )
+    if (folder / "images").is_dir() and not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir()):
+        image_dir = folder / "images"
+    table = load_captions(captions)
+    if split_file is not None:
+        keep = {line.strip() for line in Path(split_file).read_text().splitlines() if line.strip()}
+        table = {k: v for k, v in table.items() if k in keep or os.path.basename(k) in keep}
+        if not table:
+            raise ValueError(f"--split_file {str(split_file)!r} keeps none of the {len(keep)} listed images")
+    names = sorted(table)
+    shards = []
+    for k, start in enumerate(range(0, len(names), shard_size)):
+        items = tuple(FolderItem(n, tuple(table[n])) for n in names[start : start + shard_size])
+        shards.append(InputShard(index=k, name=f"{image_dir}#{k}", kind="folder", path=str(image_dir), items=items))
+    if not shards:
+        raise ValueError(f"captions file {str(captions)!r} lists no image")
+    return shards
+
+
+def _pick_column(header: list[str], options: tuple[str, ...], what: str, path: str) -> int:
+    lowered = [h.strip().lower() for h in header]
+    for opt in options:
+        if opt in lowered:
+            return lowered.index(opt)
+    raise ValueError(f"captions file {path!r}: no {what} column (expected one of {options}, got {header})")
+
+
+def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Read a captions file into `{image name: [captions in file order]}`.
+
+    CSV needs a header with an image column (`image`, `filename`, ...) and a caption column (`caption`, `text`,
+    ...); several rows per image add captions. JSONL lines are objects with the same keys, the caption a string or a
+    list. Bytes that are not UTF-8 are kept as lone surrogates, so the builder can count and skip such captions
+    instead of failing on the whole file.
+    """
+    path = str(path)
+    table: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        if path.endswith((".jsonl", ".json")):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                img_key = next((k for k in _IMAGE_COLUMNS if k in obj), None)
+                cap_key = next((k for k in _CAPTION_COLUMNS if k in obj), None)
+                if img_key is None or cap_key is None:
+                    raise ValueError(f"{path}:{n}: needs an image key {_IMAGE_COLUMNS} and a caption key")
+                caps = obj[cap_key] if isinstance(obj[cap_key], list) else [obj[cap_key]]
+                table.setdefault(str(obj[img_key]), []).extend("" if c is None else str(c) for c in caps)
+        else:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"captions file {path!r} is empty")
+            ci = _pick_column(header, _IMAGE_COLUMNS, "image", path)
+            cc = _pick_column(header, _CAPTION_COLUMNS, "caption", path)
+            for row in reader:
+                if len(row) <= max(ci, cc):
+                    continue
+                table.setdefault(row[ci].strip(), []).append(row[cc])
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+
+
+def index_shard(shard: InputShard) -> list[SampleRef]:
+    """List a shard's samples in order (tar headers only; no image data is read).
+
+    Tar members are grouped into samples with webdataset's rule (key = path up to the first dot of the basename,
+    consecutive members of one key form a sample).
+    """
+    if shard.kind == "folder":
+        return [SampleRef(key=sanitize_uid(os.path.splitext(it.image)[0]), item=it) for it in shard.items]
+    refs: list[SampleRef] = []
+    key: str | None = None
+    members: list[tuple[str, int, int]] = []
+    with tarfile.open(shard.path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            m = _KEY_RE.match(info.name)
+            if m is None:
+                continue
+            k, ext = m.group(1), m.group(2).lower()
+            if k != key:
+                if key is not None:
+                    refs.append(SampleRef(key=key, members=tuple(members)))
+                key, members = k, []
+            members.append((ext, info.offset_data, info.size))
+    if key is not None:
+        refs.append(SampleRef(key=key, members=tuple(members)))
+    return refs
+
+
+def _str_or_bytes(data: bytes) -> str | bytes:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
+def read_sample(shard: InputShard, ref: SampleRef, fileobj: io.BufferedReader | None = None) -> RawSample:
+    """Read one sample's bytes.
+
+    Args:
+        shard: The shard `ref` comes from.
+        ref: From `index_shard(shard)`.
+        fileobj: An open binary handle on the tar (reuse one per worker); opened and closed here when None.
+    """
+    if ref.item is not None:
+        return _read_folder_item(shard, ref)
+    own = fileobj is None
+    f = open(shard.path, "rb") if own else fileobj
+    try:
+        data: dict[str, bytes] = {}
+        for ext, offset, size in ref.members:
+            f.seek(offset)
+            data[ext] = f.read(size)
+    finally:
+        if own:
+            f.close()
+    return _from_members(ref.key, data)
+
+
+def _from_members(key: str, data: dict[str, bytes]) -> RawSample:
+    meta: dict[str, Any] = {}
+    if schema.KEY_JSON in data:
+        try:
+            parsed = json.loads(data[schema.KEY_JSON])
+            meta = parsed if isinstance(parsed, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+    image = next((data[k] for k in schema.IMAGE_KEYS if k in data), None)
+    caption: str | bytes | None = None
+    if schema.KEY_TXT in data:
+        caption = _str_or_bytes(data[schema.KEY_TXT])
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    elif isinstance(meta.get("text"), str):
+        caption = meta["text"]
+    captions: list[str] = []
+    if isinstance(meta.get("captions"), list):
+        captions = [c for c in meta["captions"] if isinstance(c, str)]
+    url = None
+    if schema.KEY_URL in data:
+        url = data[schema.KEY_URL].decode("utf-8", errors="replace").strip()
+    elif isinstance(meta.get("url"), str):
+        url = meta["url"]
+    return RawSample(uid=sanitize_uid(key), image=image, caption=caption, captions=captions, url=url, meta=meta)
+
+
+def _read_folder_item(shard: InputShard, ref: SampleRef) -> RawSample:
+    item = ref.item
+    assert item is not None
+    path = Path(shard.path) / item.image
+    caption = item.captions[0] if item.captions else None
+    try:
+        image = path.read_bytes()
+        error = None
+    except OSError:
+        image, error = None, "missing_image"
+    return RawSample(
+        uid=ref.key,
+        image=image,
+        caption=caption,
+        captions=list(item.captions),
+        meta={"image_path": item.image},
+        error=error,
+    )
+
+
+def iter_samples(shard: InputShard) -> Iterator[RawSample]:
+    """Stream a shard's samples in order (one open file, one sample in memory at a time)."""
+    refs = index_shard(shard)
+    if shard.kind == "folder":
+        for ref in refs:
+            yield read_sample(shard, ref)
+        return
+    with open(shard.path, "rb") as f:
+        for ref in refs:
+            yield read_sample(shard, ref, f)

@@ -1,0 +1,263 @@
+"""`distill build-data --verify DIR`: check a reinforced dataset end to end.
+
+Checks the root files (`config.json`, `teach.json`, `manifest.jsonl`, progress), every shard's checksum and sample
+count against the manifest, and every sample's members, shapes, dtypes, per-teacher norms, augmentation records
+and image checksum (schema in `schema.py`). Nothing is unpickled: `pth.gz` members are reported, not loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from reinforced_data import schema
+from reinforced_data._io import decode_npz, sha256_bytes, sha256_file
+from reinforced_data.augment import decode_param_aug, parse_record
+
+__all__ = ["verify_dataset"]
+
+_logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 200  # problems listed in the report; `num_problems` counts them all
+_REQUIRED = (schema.KEY_TXT, schema.KEY_JSON, schema.KEY_PAUG, schema.KEY_TEACH)
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.count = 0
+
+    def add(self, msg: str) -> None:
+        self.count += 1
+        if len(self.problems) < _MAX_LISTED:
+            self.problems.append(msg)
+
+
+def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    # Consecutive members with the same key form a sample (webdataset's grouping rule).
+    key, sample = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = os.path.basename(info.name)
+            if "." not in base:
+                continue
+            k = info.name[: len(info.name) - len(base)] + base.split(".", 1)[0]
+            ext = base.split(".", 1)[1].lower()
+            if key is not None and k != key:
+                yield key, sample
+                sample = {}
+            key = k
+            f = tar.extractfile(info)
+            sample[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, sample
+
+
+def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
+    """Check a dataset directory written by `build-data`.
+
+    Args:
+        root: Dataset root.
+        norm_tol: Allowed deviation of each teacher slice's L2 norm from 1 (float16 storage gives ~1e-3).
+
+    Returns:
+        `{"ok", "root", "shards", "samples", "num_problems", "problems": [str, ...]}`; `ok` is False on any problem.
+    """
+    root = Path(root)
+    rep = _Report()
+    result = {"root": str(root), "shards": 0, "samples": 0}
+    if not root.is_dir():
+        rep.add(f"{root}: not a directory")
+        return _finish(result, rep)
+
+    config = _load_json(root / schema.CONFIG_FILE, rep)
+    teach = _load_json(root / schema.TEACH_FILE, rep)
+    slices: dict[str, slice] = {}
+    teach_bytes_ok: dict | None = None
+    if teach is not None:
+        try:
+            slices = schema.teacher_slices(schema.check_teach(teach))
+            teach_bytes_ok = teach
+        except ValueError as exc:
+            rep.add(f"{schema.TEACH_FILE}: {exc}")
+    width = max((s.stop for s in slices.values()), default=None)
+    num_augs = config.get("num_samples") if config else None
+    expected_shards = (config or {}).get("build", {}).get("num_input_shards")
+
+    manifest_path = root / schema.MANIFEST_FILE
+    entries: list[dict] = []
+    if not manifest_path.is_file():
+        rep.add(f"{schema.MANIFEST_FILE} is missing")
+    else:
+        for n, line in enumerate(manifest_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                rep.add(f"{schema.MANIFEST_FILE}:{n}: not JSON")
+    if expected_shards is not None and len(entries) != expected_shards:
+        rep.add(f"incomplete dataset: {len(entries)} of {expected_shards} shards in the manifest")
+
+    listed = {e.get("shard") for e in entries}
+    for path in sorted(root.iterdir()):
+        if ".tmp-" in path.name:
+            rep.add(f"{path.name}: partial file left by an interrupted run (rerun build-data to finish)")
+        elif path.suffix == ".tar" and path.name not in listed:
+            rep.add(f"{path.name}: shard not listed in {schema.MANIFEST_FILE}")
+
+    seen_uids: set[str] = set()
+    for entry in entries:
+        name = entry.get("shard")
+        path = root / str(name)
+        if not path.is_file():
+            rep.add(f"{name}: listed in the manifest but missing")
+            continue
+        result["shards"] += 1
+        if sha256_file(path) != entry.get("sha256"):
+            rep.add(f"{name}: sha256 differs from the manifest (corrupted or modified shard)")
+        count = 0
+        try:
+            for key, sample in _samples(path):
+                count += 1
+                _check_sample(f"{name}:{key}", key, sample, slices, width, num_augs, teach_bytes_ok, norm_tol, rep)
+                if key in seen_uids:
+                    rep.add(f"{name}:{key}: duplicate uid")
+                seen_uids.add(key)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            rep.add(f"{name}: unreadable tar ({exc})")
+        if count != entry.get("num_samples"):
+            rep.add(f"{name}: {count} samples, manifest says {entry.get('num_samples')}")
+        result["samples"] += count
+    return _finish(result, rep)
+
+
+def _finish(result: dict, rep: _Report) -> dict:
+    result.update(ok=rep.count == 0, num_problems=rep.count, problems=rep.problems)
+    level = logging.INFO if rep.count == 0 else logging.WARNING
+    _logger.log(
+        level,
+        "verify %s: %d shards, %d samples, %d problems",
+        result["root"],
+        result["shards"],
+        result["samples"],
+        rep.count,
+    )
+    return result
+
+
+def _load_json(path: Path, rep: _Report) -> dict | None:
+    if not path.is_file():
+        rep.add(f"{path.name} is missing")
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError:
+        rep.add(f"{path.name}: not valid JSON")
+        return None
+    if not isinstance(obj, dict):
+        rep.add(f"{path.name}: expected a JSON object")
+        return None
+    return obj
+
+
+def _check_sample(
+    where: str,
+    key: str,
+    sample: dict[str, bytes],
+    slices: dict[str, slice],
+    width: int | None,
+    num_augs: int | None,
+    teach: dict | None,
+    norm_tol: float,
+    rep: _Report,
+) -> None:
+    meta: dict = {}
+    if schema.KEY_JSON in sample:
+        try:
+            meta = json.loads(sample[schema.KEY_JSON])
+        except ValueError:
+            rep.add(f"{where}: json member is not valid JSON")
+        if not isinstance(meta, dict):
+            rep.add(f"{where}: json member is not an object")
+            meta = {}
+    missing = [k for k in _REQUIRED if k not in sample]
+    if schema.KEY_IMAGE not in sample and schema.KEY_URL not in sample and "image_path" not in meta:
+        missing.append("jpg|url.txt")  # an image-less sample must say where its image is
+    if schema.KEY_NPZ not in sample:
+        missing.append(schema.KEY_NPZ if schema.KEY_PTH not in sample else "npz (pth.gz is not checked: pickle)")
+    if missing:
+        rep.add(f"{where}: missing members {missing}")
+    if meta and meta.get("uid") != key:
+        rep.add(f"{where}: json uid {meta.get('uid')!r} != key")
+    if schema.KEY_IMAGE in sample and meta and meta.get("sha256") != sha256_bytes(sample[schema.KEY_IMAGE]):
+        rep.add(f"{where}: image sha256 differs from json")
+    if schema.KEY_TXT in sample:
+        try:
+            if not sample[schema.KEY_TXT].decode("utf-8").strip():
+                rep.add(f"{where}: empty caption")
+        except UnicodeDecodeError:
+            rep.add(f"{where}: caption is not UTF-8")
+    if teach is not None and schema.KEY_TEACH in sample:
+        try:
+            if json.loads(sample[schema.KEY_TEACH]) != teach:
+                rep.add(f"{where}: teach.json differs from the dataset's")
+        except ValueError:
+            rep.add(f"{where}: teach.json is not valid JSON")
+    records: list = []
+    if schema.KEY_PAUG in sample:
+        try:
+            records = decode_param_aug(sample[schema.KEY_PAUG])
+            for rec in records:
+                parse_record(rec)
+        except ValueError as exc:
+            rep.add(f"{where}: bad paug.json ({exc})")
+        if num_augs is not None and len(records) != num_augs:
+            rep.add(f"{where}: {len(records)} augmentation records, config says {num_augs}")
+    syn: dict = {}
+    if schema.KEY_SYN in sample:
+        try:
+            syn = json.loads(sample[schema.KEY_SYN])
+        except ValueError:
+            rep.add(f"{where}: syn.json is not valid JSON")
+    if schema.KEY_NPZ not in sample:
+        return
+    try:
+        arrays = decode_npz(sample[schema.KEY_NPZ])
+    except Exception as exc:  # numpy raises ValueError/OSError/BadZipFile for broken members
+        rep.add(f"{where}: unreadable npz ({exc})")
+        return
+    expected = {schema.IMAGE_EMB: len(records) or None, schema.TEXT_EMB: 1}
+    for name, values in syn.items():
+        if isinstance(values, list):
+            expected[schema.syn_emb_name(name)] = len(values)
+    for name in arrays:
+        if name not in expected:
+            rep.add(f"{where}: npz array {name!r} has no matching captions")
+    for name, rows in expected.items():
+        arr = arrays.get(name)
+        if arr is None:
+            rep.add(f"{where}: npz lacks {name!r}")
+            continue
+        if arr.dtype != np.float16:
+            rep.add(f"{where}: {name} has dtype {arr.dtype}, expected float16")
+        if arr.ndim != 2 or (rows is not None and arr.shape[0] != rows) or (width and arr.shape[1] != width):
+            rep.add(f"{where}: {name} has shape {arr.shape}, expected [{rows}, {width}]")
+            continue
+        if not np.isfinite(arr).all():
+            rep.add(f"{where}: {name} has non-finite values")
+            continue
+        if slices and arr.shape[0]:
+            for member, norms in schema.l2_norms(arr, slices).items():
+                if np.abs(norms - 1.0).max() > norm_tol:
+                    rep.add(
+                        f"{where}: {name}[{member}] rows are not unit norm (max |n-1| = {np.abs(norms - 1).max():.3g})"
+                    )

@@ -1,0 +1,282 @@
+"""Training-side readers: stored targets per sample, collation, determinism, DataCompDR v1 / pth.gz shards."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reinforced_data import (
+    AugmentCfg,
+    ReinforcedDataError,
+    collate,
+    dataset_info,
+    image_text_pipeline,
+    reinforced_pipeline,
+)
+from reinforced_data._io import decode_npz
+from reinforced_data.augment import decode_image, decode_param_aug, record_rng, replay, sample_record, to_uint8_tensor
+from reinforced_data.schema import teacher_slices
+from reinforced_data.sources import iter_samples, resolve_inputs
+
+KEYS = {
+    "image",
+    "text",
+    "caption",
+    "syn_text",
+    "syn_caption",
+    "teacher_image_features",
+    "teacher_text_features",
+    "teacher_syn_text_features",
+}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_ensemble):
+    return tiny_ensemble["test_tiny"].tokenize
+
+
+def _stored(dataset_samples, root: Path) -> list[tuple[str, dict[str, bytes]]]:
+    return list(dataset_samples(root).items())
+
+
+def test_samples_carry_the_stored_targets_of_their_view(built, tok, dataset_samples):
+    out, _ = built
+    samples = list(reinforced_pipeline(out, image_size=40, tokenize=tok, shuffle=0))
+    stored = _stored(dataset_samples, out)
+    assert len(samples) == len(stored) == 24
+    slices = teacher_slices(json.loads((out / "teach.json").read_text())["teachers"])
+    used_augs = set()
+    for s, (uid, m) in zip(samples, stored, strict=True):
+        assert set(s) == KEYS
+        assert s["image"].dtype == torch.uint8 and s["image"].shape == (3, 40, 40)
+        img = decode_image(m["jpg"])
+        records = decode_param_aug(m["paug.json"])
+        arrays = decode_npz(m["npz"])
+        # the image is one stored record replayed at the student's size, and the features are that record's row
+        matches = [k for k, r in enumerate(records) if torch.equal(to_uint8_tensor(replay(img, r, 40)), s["image"])]
+        assert matches, uid
+        k = matches[0]
+        used_augs.add(k)
+        for name, sl in slices.items():
+            assert s["teacher_image_features"][name].dtype == torch.float32
+            np.testing.assert_array_equal(s["teacher_image_features"][name].numpy(), arrays["image_emb"][k, sl])
+            np.testing.assert_array_equal(s["teacher_text_features"][name].numpy(), arrays["text_emb"][0, sl])
+        assert s["caption"] == m["txt"].decode()
+        assert torch.equal(s["text"], tok([s["caption"]])[0])
+        alt = json.loads(m["syn.json"])["syn_text_alt"]
+        j = alt.index(s["syn_caption"])
+        assert torch.equal(s["syn_text"], tok([s["syn_caption"]])[0])
+        for name, sl in slices.items():
+            np.testing.assert_array_equal(
+                s["teacher_syn_text_features"][name].numpy(), arrays["syn_text_alt_emb"][j, sl]
+            )
+    assert len(used_augs) > 1  # augmentations are sampled, not always the first
+
+
+def test_collate_through_a_dataloader(built, tok):
+    ds = reinforced_pipeline(built[0], image_size=32, tokenize=tok, shuffle=8)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate)))
+    assert set(batch) == KEYS
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["text"].shape == (5, 16)
+    assert batch["teacher_image_features"]["test_tiny_b"].shape == (5, 48)
+    assert batch["teacher_syn_text_features"]["test_tiny"].shape == (5, 32)
+    assert isinstance(batch["caption"], list) and len(batch["caption"]) == 5
+    with pytest.raises(ValueError, match="different keys"):
+        collate([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+def _fingerprint(sample: dict) -> tuple:
+    return (sample["caption"], sample["syn_caption"], hashlib.sha1(sample["image"].numpy().tobytes()).hexdigest())
+
+
+def test_deterministic_and_independent_of_worker_count(built, tok):
+    def run(workers: int, epoch: int = 0) -> list[tuple]:
+        ds = reinforced_pipeline(built[0], image_size=24, tokenize=tok, shuffle=6, seed=3)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+        return [_fingerprint(s) for s in loader]
+
+    first = run(0)
+    assert run(0) == first  # same seed and epoch: same order and content
+    assert sorted(run(2)) == sorted(first)  # 2 workers: same samples, each made identically
+    assert run(0, epoch=1) != first
+
+
+def test_sequential_sampling_and_syn_options(built, tok, dataset_samples):
+    out, _ = built
+    stored = _stored(dataset_samples, out)
+    ds = reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, aug_sampling="sequential")
+    ds.set_epoch(4)
+    for s, (_, m) in zip(ds, stored, strict=True):
+        rec = decode_param_aug(m["paug.json"])[4 % 3]
+        assert torch.equal(s["image"], to_uint8_tensor(replay(decode_image(m["jpg"]), rec, 32)))
+    plain = next(iter(reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, use_syn=False)))
+    assert set(plain) == KEYS - {"syn_text", "syn_caption", "teacher_syn_text_features"}
+    swapped = next(iter(reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, p_syn_swap=1.0)))
+    _, m = stored[0]
+    alt = json.loads(m["syn.json"])["syn_text_alt"]
+    assert swapped["caption"] in alt and "syn_text" not in swapped
+    j = alt.index(swapped["caption"])
+    np.testing.assert_array_equal(
+        swapped["teacher_text_features"]["test_tiny"].numpy(), decode_npz(m["npz"])["syn_text_alt_emb"][j, :32]
+    )
+    none = next(iter(reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, syn_key_regex="^nothing$")))
+    assert none["syn_caption"] == none["caption"]  # no matching key: the real caption stands in (uniform keys)
+
+
+def test_dataset_info(built):
+    info = dataset_info(built[0])
+    assert info["num_samples"] == 24 and info["complete"] is True and len(info["shards"]) == 3
+    assert info["teacher_dims"] == {"test_tiny": 32, "test_tiny_b": 48}
+    assert set(info["logit_scales"]) == {"test_tiny", "test_tiny_b"}
+    assert info["num_augs"] == 3 and info["syn_keys"] == ["syn_text_alt"] and info["layout"] == "v2"
+    assert info["has_images"] and info["schema_version"] == 1 and "teach.json" in info["keys"]
+
+
+def test_apple_loader_view_of_our_shards(built):
+    """What apple/ml-mobileclip's `preprocess_dr` reads, decoded with webdataset as its pipeline does."""
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted(built[0].glob("*.tar"))]
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(),
+        wds.decode("pilrgba"),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+    )
+    n = 0
+    for sample in pipe:
+        n += 1
+        texts = [sample["text"]]
+        npz = sample["npz"]
+        assert len(npz["text_emb"]) == len(texts)  # else Apple's loader would read it as the v1 layout
+        for key, captions in sample["syn.json"].items():
+            assert npz[key + "_emb"].shape[0] == len(captions)
+        record = sample["paug.json"]["param_aug"][0]
+        assert len(record) == 2 and len(record[0]) == 4
+        image = sample["image"].convert("RGB")
+        assert image.size == (sample["json"]["width"], sample["json"]["height"])
+        assert sample["json"]["uid"] == sample["__key__"]
+    assert n == 24
+
+
+def _unit(rng: np.random.Generator, rows: int, dims: list[int]) -> np.ndarray:
+    parts = []
+    for d in dims:
+        x = rng.normal(size=(rows, d))
+        parts.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return np.concatenate(parts, axis=1)
+
+
+def _datacompdr_shard(tmp_path: Path, write_tar, image_bytes, fmt: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """One v1-layout DataCompDR sample: text_emb holds GT then 2 synthetic rows; no teach.json."""
+    rng = np.random.default_rng(0)
+    img = image_bytes(60, 50)
+    records = [sample_record(60, 50, record_rng(0, "s", k), AugmentCfg(crop_size=224)) for k in range(2)]
+    image_emb, text_emb = _unit(rng, 2, [16, 16]), _unit(rng, 3, [16, 16])
+    sample = {
+        "__key__": "000000042",
+        "url.txt": "http://example.com/x.jpg",
+        "jpg": img,
+        "txt": "the real caption",
+        "syn.json": json.dumps({"syn_text": ["syn zero", "syn one"]}),
+        "paug.json": json.dumps({"param_aug": json.dumps(records)}),  # Hugging Face string form
+        "json": json.dumps({"uid": "000000042", "sha256": hashlib.sha256(img).hexdigest()}),
+    }
+    if fmt == "pth.gz":
+        buf = io.BytesIO()
+        torch.save(
+            {"image_emb": torch.tensor(image_emb).bfloat16(), "text_emb": torch.tensor(text_emb).bfloat16()}, buf
+        )
+        sample["pth.gz"] = gzip.compress(buf.getvalue())
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, image_emb=image_emb.astype(np.float32), text_emb=text_emb.astype(np.float32))
+        sample["npz"] = buf.getvalue()
+    path = write_tar(tmp_path / f"dcdr-{fmt.replace('.', '')}.tar", [sample])
+    return path, image_emb, text_emb
+
+
+def test_datacompdr_v1_layout_and_pth_gz(tmp_path, write_tar, image_bytes, tok):
+    path, image_emb, text_emb = _datacompdr_shard(tmp_path, write_tar, image_bytes, "pth.gz")
+    with pytest.raises(ReinforcedDataError, match="trust_pickle"):
+        next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0, teacher_dims=[16, 16])))
+    with pytest.raises(ReinforcedDataError, match="teacher_dims"):
+        next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0, trust_pickle=True)))
+    s = next(
+        iter(
+            reinforced_pipeline(
+                str(path),
+                image_size=32,
+                tokenize=tok,
+                shuffle=0,
+                trust_pickle=True,
+                teacher_dims={"openai": 16, "datacomp": 16},
+            )
+        )
+    )
+    assert set(s["teacher_image_features"]) == {"openai", "datacomp"}
+    idx = ["syn zero", "syn one"].index(s["syn_caption"])
+    bf16 = torch.tensor(text_emb).bfloat16().float().numpy()  # stored precision
+    np.testing.assert_array_equal(s["teacher_syn_text_features"]["datacomp"].numpy(), bf16[1 + idx, 16:])
+    np.testing.assert_array_equal(s["teacher_text_features"]["openai"].numpy(), bf16[0, :16])
+
+
+def test_datacompdr_v1_npz(tmp_path, write_tar, image_bytes, tok):
+    path, image_emb, text_emb = _datacompdr_shard(tmp_path, write_tar, image_bytes, "npz")
+    info = dataset_info(str(path), teacher_dims=[16, 16])
+    assert info["layout"] == "v1" and info["teacher_dims"] == {"teacher0": 16, "teacher1": 16}
+    s = next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0, teacher_dims=[16, 16])))
+    idx = ["syn zero", "syn one"].index(s["syn_caption"])
+    np.testing.assert_allclose(s["teacher_syn_text_features"]["teacher1"].numpy(), text_emb[1 + idx, 16:], rtol=1e-6)
+    rows = [k for k in range(2) if np.allclose(s["teacher_image_features"]["teacher0"].numpy(), image_emb[k, :16])]
+    assert len(rows) == 1
+
+
+def test_newer_schema_is_rejected(tmp_path, built, shard_reader, write_tar, tok):
+    key, m = shard_reader(built[0] / "00000000.tar")[0]
+    teach = json.loads(m["teach.json"])
+    teach["schema_version"] = 99
+    path = write_tar(tmp_path / "future.tar", [{"__key__": key, **m, "teach.json": json.dumps(teach)}])
+    with pytest.raises(ReinforcedDataError, match="schema_version 99"):
+        next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0)))
+
+
+def test_image_text_pipeline_corpus_and_folder(corpus, tok, tmp_path, image_bytes):
+    aug = AugmentCfg(crop_size=32)
+    ds = image_text_pipeline(None, corpus_dir=corpus, image_size=32, tokenize=tok, augment=aug, shuffle=0)
+    samples = list(ds)
+    assert len(samples) == 24 and set(samples[0]) == {"image", "text", "caption"}
+    assert samples[0]["image"].shape == (3, 32, 32) and samples[0]["text"].shape == (16,)
+    again = list(image_text_pipeline(None, corpus_dir=corpus, image_size=32, tokenize=tok, augment=aug, shuffle=0))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(samples, again, strict=True))
+    ds.set_epoch(1)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(samples, ds, strict=True))
+    evals = list(
+        image_text_pipeline(
+            None, corpus_dir=corpus, image_size=24, tokenize=tok, augment=None, shuffle=0, alt_caption=True
+        )
+    )
+    firsts = [raw.caption for shard in resolve_inputs(None, corpus_dir=corpus) for raw in iter_samples(shard)]
+    assert [e["caption"] for e in evals] == firsts  # eval mode: the canonical caption, center view
+    assert evals[0]["image"].shape == (3, 24, 24)
+    assert all(e["syn_caption"] != e["caption"] for e in evals)  # corpus images have 5 distinct captions
+    assert torch.equal(evals[0]["syn_text"], tok([evals[0]["syn_caption"]])[0])
+
+    (tmp_path / "imgs").mkdir()
+    for k in range(3):
+        (tmp_path / "imgs" / f"{k}.jpg").write_bytes(image_bytes(seed=k))
+    (tmp_path / "caps.csv").write_text("image,caption\n0.jpg,zero a\n0.jpg,zero b\n1.jpg,one\n2.jpg,  \n")
+    folder = list(
+        image_text_pipeline(
+            tmp_path / "imgs", captions=tmp_path / "caps.csv", image_size=16, tokenize=tok, augment=aug, shuffle=0
+        )
+    )
+    assert [s["caption"] in ({"zero a", "zero b"} if n == 0 else {"one"}) for n, s in enumerate(folder)] == [True] * 2
