@@ -103,7 +103,7 @@ def demo(
 
     reinforced = out / "reinforced"
     build = BuildArgs(num_augs=num_augs, num_syn=0, batch_size=128, num_workers=num_workers, seed=seed,
-                      crop_size=64, rrc_scale_min=0.35, samples_per_shard=1000)
+                      scale_min=0.35, progress=False)
     summary["build_data"] = build_data(out=reinforced, input=str(corpus / "train"),
                                        teacher=f"local-dir:{teacher_dir}", build=build)
     times["build_data"] = time.time() - t

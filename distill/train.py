@@ -116,6 +116,7 @@ def train(
     inherit: InheritArgs = InheritArgs(),
     val: EvalArgs = EvalArgs(),
     student_weights: str | None = None,
+    teacher_weights: str | None = None,
     image_size: int | None = None,
     context_length: int | None = None,
 ) -> dict:
@@ -133,6 +134,7 @@ def train(
         inherit: Weight inheritance from a larger model.
         val: Validation sets (defaults to the embedded corpus's splits when training on it).
         student_weights: Initialise the student from these weights (saved student dir, safetensors or .ckpt).
+        teacher_weights: Local weights file for a registered (hub) teacher in online mode.
         image_size: Override the student's input resolution.
         context_length: Override the student's text context length.
 
@@ -177,7 +179,10 @@ def train(
     if mode == "online":
         from teachers import as_ensemble, create_teacher
 
-        live_teacher = as_ensemble(create_teacher(teacher))
+        from teachers import WeightSpec
+
+        weights = WeightSpec(file=teacher_weights) if teacher_weights else None
+        live_teacher = as_ensemble(create_teacher(teacher, weights=weights))
         teacher_scales, teacher_dims = dict(live_teacher.logit_scales), dict(live_teacher.embed_dims)
     elif mode == "reinforced":
         teacher_scales, teacher_dims = spec.teacher_scales(), spec.teacher_dims()

@@ -532,6 +532,8 @@ def build_data(
     captioner: str | None = None,
     build: BuildArgs = BuildArgs(),  # noqa: B008 - jsonargparse/litgpt dataclass-group default, never mutated
     verify: Path | None = None,
+    teacher_weights: Path | None = None,
+    captioner_weights: Path | None = None,
 ) -> dict:
     """Build a reinforced dataset (DataCompDR layout), or check one with `--verify DIR`.
 
@@ -552,6 +554,8 @@ def build_data(
             no synthetic captions.
         build: Builder options.
         verify: Check an existing dataset directory instead of building (exits non-zero on any problem).
+        teacher_weights: Local weights file for a registered (hub) teacher, e.g. a downloaded open_clip checkpoint.
+        captioner_weights: Local weights file or directory for a registered (hub) captioner.
 
     Returns:
         A summary: counts (written, skipped by reason, shards done/resumed), images/s, wall time; with --verify,
@@ -570,7 +574,8 @@ def build_data(
         raise ValueError("--out is required to build a dataset (or pass --verify DIR)")
     if teacher is None:
         raise ValueError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
-    return _build(Path(out), input, captions, split_file, teacher, captioner, build)
+    return _build(Path(out), input, captions, split_file, teacher, captioner, build, teacher_weights,
+                  captioner_weights)
 
 
 def _build(
@@ -581,6 +586,8 @@ def _build(
     teacher_name: str,
     captioner_names: str | None,
     args: BuildArgs,
+    teacher_weights: Path | None = None,
+    captioner_weights: Path | None = None,
 ) -> dict:
     import teachers
 
@@ -597,8 +604,11 @@ def _build(
     if args.max_shards is not None:
         shards = shards[: args.max_shards]
 
-    ens = teachers.as_ensemble(teachers.create_teacher(teacher_name))
-    caps = [teachers.create_captioner(n.strip()) for n in (captioner_names or "").split(",") if n.strip()]
+    t_weights = teachers.WeightSpec(file=str(teacher_weights)) if teacher_weights else None
+    c_weights = teachers.WeightSpec(file=str(captioner_weights)) if captioner_weights else None
+    ens = teachers.as_ensemble(teachers.create_teacher(teacher_name, weights=t_weights))
+    caps = [teachers.create_captioner(n.strip(), weights=c_weights)
+            for n in (captioner_names or "").split(",") if n.strip()]
     if caps and args.num_syn == 0:
         _logger.warning("--build.num_syn is 0: the captioners are not run")
         caps = []

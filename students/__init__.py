@@ -2,10 +2,12 @@
 
 Importing the package registers every variant (`students.mobileclip`, `students.tinyclip`, `students.tiny`).
 State dicts use open_clip `CustomTextCLIP` keys, so saved students load with `open_clip.create_model("local-dir:")`
-(except MCt text towers, which only `load_student` reads).
+(except MCt text towers, which only `load_student` reads). CoCa students (`students.coca.CoCaStudent`, a config
+with a `multimodal` decoder section) use open_clip `CoCa` keys and also train a captioning loss.
 
 References:
     MobileCLIP: https://github.com/apple/ml-mobileclip ; TinyCLIP: https://github.com/microsoft/Cream
+    CoCa: arXiv:2205.01917 (open_clip `coca_model.py`)
     open_clip: https://github.com/mlfoundations/open_clip ; timm: https://github.com/huggingface/pytorch-image-models
 """
 
@@ -19,6 +21,7 @@ from students._registry import (
     register_student,
     resolve_weights,
 )
+from students.coca import CoCaStudent
 from students.inherit import InheritReport, inherit_weights, uniform_layer_indices
 from students.io import load_student, read_state_dict, read_student_cfg, save_student
 from students.mct import MCtTextTower
@@ -30,11 +33,13 @@ from students.towers import (
     CLIPStudent,
     ImageTowerCfg,
     StudentCfg,
+    TextDecoderCfg,
     TextTowerCfg,
 )
 
 __all__ = [
     "CLIPStudent",
+    "CoCaStudent",
     "ImageTowerCfg",
     "InheritReport",
     "L0Pruner",
@@ -44,6 +49,7 @@ __all__ = [
     "OPENAI_MEAN",
     "OPENAI_STD",
     "StudentCfg",
+    "TextDecoderCfg",
     "TextTowerCfg",
     "TowerPlan",
     "WeightSpec",

@@ -37,7 +37,7 @@ __all__ = [
 LOCAL_DIR_PREFIX = "local-dir:"
 _OFFLINE_HINT = (
     "Without network access, fetch the file elsewhere and pass it as weights=WeightSpec(file=PATH) "
-    "(CLI: --student_weights.file PATH), or pass a saved student directory as --student local-dir:PATH."
+    "(CLI: --student_weights PATH), or pass a saved student directory as --student local-dir:PATH."
 )
 
 

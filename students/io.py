@@ -1,7 +1,8 @@
 """Save and load students in open_clip's directory layout (`open_clip_config.json` + `open_clip_model.safetensors`).
 
 `save_student` writes a directory that `open_clip.create_model("local-dir:" + out_dir)` loads directly (every student
-except those with the MCt text tower), plus a `distill` section holding the full `StudentCfg`. `load_student` reads
+except those with the MCt text tower; CoCa students load as open_clip `CoCa`), plus a `distill` section holding the
+full `StudentCfg`. `load_student` reads
 such a directory, a bare safetensors file next to its config, a plain open_clip directory (config converted with
 `StudentCfg.from_open_clip`), or a Lightning `.ckpt` written by `distill train`.
 

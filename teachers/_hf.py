@@ -39,5 +39,5 @@ def hf_offline_error(kind: str, name: str, location: str, err: Exception) -> Run
     return RuntimeError(
         f"{kind} {name!r}: could not load Hugging Face model {location!r} ({type(err).__name__}: {err}). Without a "
         f"network, save it once with save_pretrained (model and processor) and pass the directory: "
-        f"--{kind} hf:/path/to/dir, or --{kind}_weights.file /path/to/dir."
+        f"--{kind} hf:/path/to/dir, or --{kind}_weights /path/to/dir."
     )

@@ -167,7 +167,7 @@ def load_open_clip(
     allow_random: bool,
     image_size: int | None = None,
     context_length: int | None = None,
-    flag: str = "--teacher_weights.file",
+    flag: str = "--teacher_weights",
 ) -> LoadedOpenClip:
     """Build an open_clip model with resolved weights, frozen and in eval mode.
 

@@ -99,7 +99,7 @@ class TeacherCfg:
     pretrained: str | None = None
     """open_clip pretrained tag (or checkpoint file) for ``arch``; unused by ``hf`` and ``ensemble``."""
     weights: WeightSpec = field(default_factory=WeightSpec)
-    """Explicit weights, overriding ``pretrained`` (``--teacher_weights.file PATH`` on the command line)."""
+    """Explicit weights, overriding ``pretrained`` (``--teacher_weights PATH`` on the command line)."""
     image_size: int | None = None
     """Square input resolution; pixels of another size are resized to it."""
     mean: tuple[float, float, float] | None = None

@@ -280,7 +280,7 @@ def build_captioner(cfg: CaptionerCfg) -> Captioner:
         weights=cfg.weights,
         allow_random=cfg.allow_random,
         image_size=cfg.image_size,
-        flag="--captioner_weights.file",
+        flag="--captioner_weights",
     )
     pp = loaded.preprocess
     interpolation = pp.get("interpolation", "bicubic")

@@ -168,7 +168,7 @@ def build_open_clip_teacher(cfg: TeacherCfg) -> OpenClipTeacher:
         allow_random=cfg.allow_random,
         image_size=cfg.image_size,
         context_length=cfg.context_length,
-        flag="--teacher_weights.file",
+        flag="--teacher_weights",
     )
     pp = loaded.preprocess
     resolved = dataclasses.replace(

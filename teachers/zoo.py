@@ -1,7 +1,7 @@
 """Registered teachers and captioners: the real checkpoints (hub weights) and the tiny test models.
 
 Real entries need their weights from the Hugging Face Hub (or the open_clip URLs), so offline they are listed by
-``distill zoo`` and loadable only with a local file (``--teacher_weights.file PATH``) or directory (``local-dir:``).
+``distill zoo`` and loadable only with a local file (``--teacher_weights PATH``) or directory (``local-dir:``).
 Preprocessing values are those of open_clip's pretrained tags (``src/open_clip/pretrained.py``). Ensembles and their
 KD logit scales follow apple/ml-mobileclip: v1 ``ViT-L-14,ViT-L-14`` ``openai,datacomp_xl_s13b_b90k`` at 100 each,
 v2 the two ``apple/DFN2B-CLIP-ViT-L-14[-39B]`` models at 70 and 60.

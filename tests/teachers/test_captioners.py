@@ -184,7 +184,7 @@ def test_hf_git_round_trip(tmp_path: Path) -> None:
 
 
 def test_offline_captioners_name_local_options() -> None:
-    with pytest.raises(RuntimeError, match=r"--captioner_weights\.file PATH"):
+    with pytest.raises(RuntimeError, match=r"--captioner_weights PATH"):
         teachers.create_captioner("coca_vit_l14.mscoco")
     with pytest.raises(RuntimeError, match="hf:/path/to/dir"):
         teachers.create_captioner("blip_base")
