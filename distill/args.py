@@ -148,9 +148,11 @@ class LossArgs:
     """Override every teacher's KD logit scale (MobileCLIP v1: 100; TinyCLIP: 50)."""
     freeze_student_logit_scale: float | None = None
     """Fix the student's logit scale to this value (TinyCLIP: 50); null keeps it learnable (clamped at 100)."""
+    caption_weight: float = 2.0
+    """Weight of the captioning loss of CoCa students (open_clip's `--coca-caption-loss-weight`)."""
 
     def __post_init__(self) -> None:
-        for name in ("contrastive_weight", "kd_weight", "fd_weight", "icl_weight"):
+        for name in ("contrastive_weight", "kd_weight", "fd_weight", "icl_weight", "caption_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--loss.{name} must be >= 0, got {value}")

@@ -73,6 +73,10 @@ class StudentEMA(pl.Callback):
         step = trainer.global_step
         decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = dict(self.averaged_student.named_parameters())
+        if {k: v.shape for k, v in ema_params.items()} != {k: v.shape for k, v in student.named_parameters()}:
+            # The student was replaced by a structurally different one (L0 pruning): restart the average.
+            self.averaged_student = copy.deepcopy(student).eval().requires_grad_(False)
+            return
         for name, p in student.named_parameters():
             ema_params[name].lerp_(p.detach(), 1.0 - decay)
         for (_, b_ema), (_, b) in zip(self.averaged_student.named_buffers(), student.named_buffers()):
@@ -86,7 +90,11 @@ class StudentEMA(pl.Callback):
 
 
 class L0PruningCallback(pl.Callback):
-    """Automatic weight inheritance (TinyCLIP): learn L0 masks, then prune at `prune_step`."""
+    """Automatic weight inheritance (TinyCLIP): learn L0 masks, then prune at `prune_step` and continue.
+
+    Runs on a single device: swapping the student for a smaller one after `prune_step` would invalidate a DDP
+    wrapper's gradient buckets. Mask and multiplier optimiser moments are not checkpointed (the gates are).
+    """
 
     def __init__(self, args: Any) -> None:
         """Args:
@@ -95,49 +103,63 @@ class L0PruningCallback(pl.Callback):
         self.args = args
         self.pruner = None
         self.pruned = False
+        self._pending: dict | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from students.prune import L0Pruner
 
-        if self.pruned or trainer.global_step >= self.args.prune_step:
+        if trainer.world_size > 1:
+            raise ValueError("--inherit.mode auto (L0 pruning) runs on one device; prune first, then scale out "
+                             "the continued training with --inherit.source <pruned student>")
+        if self.pruned:
             return
         self.pruner = L0Pruner(pl_module.student, target_sparsity=self.args.target_sparsity,
                                warmup_steps=self.args.sparsity_warmup_steps)
         self.pruner.to(pl_module.device)
+        if self._pending is not None:
+            self.pruner.load_state_dict(self._pending)
+            self._pending = None
         pl_module.pruner = self.pruner
-        params = list(self.pruner.parameters())
-        lambdas = list(self.pruner.lambda_parameters())
-        lam_ids = {id(p) for p in lambdas}
-        masks = [p for p in params if id(p) not in lam_ids]
-        # Lagrange multipliers are maximised: flip their gradient so a positive-lr optimizer ascends.
-        for p in lambdas:
-            p.register_hook(lambda g: -g)
-        self.optimizer = torch.optim.AdamW([{"params": masks}, {"params": lambdas}], lr=self.args.mask_lr,
-                                           weight_decay=0.0)
+        self._mask_opt = torch.optim.AdamW(list(self.pruner.parameters()), lr=self.args.mask_lr, weight_decay=0.0)
+        # Lagrange multipliers are maximised (TinyCLIP trains them with lr -0.02).
+        self._lambda_opt = torch.optim.AdamW(list(self.pruner.lambda_parameters()), lr=self.args.mask_lr,
+                                             weight_decay=0.0, maximize=True)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.pruner is not None and not self.pruned:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            for opt in (self._mask_opt, self._lambda_opt):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.pruner is None or self.pruned or trainer.global_step < self.args.prune_step:
             return
         before = sum(p.numel() for p in pl_module.student.parameters())
-        pl_module.student = self.pruner.prune().to(pl_module.device)
+        sparsity = self.pruner.deterministic_sparsity()
+        pruned = self.pruner.prune().to(pl_module.device)
+        pl_module.student = pruned
         pl_module.pruner = None
-        self.pruned = True
-        after = sum(p.numel() for p in pl_module.student.parameters())
-        _logger.info("L0 pruning at step %d: %.2fM -> %.2fM parameters", trainer.global_step, before / 1e6,
-                     after / 1e6)
+        # Checkpoints from now on describe the compact model, so resume and load_student rebuild it.
+        pl_module.hparams["student_cfg"] = pruned.cfg.to_dict()
+        self.pruned, self.pruner = True, None
+        after = sum(p.numel() for p in pruned.parameters())
+        _logger.info("L0 pruning at step %d: %.2fM -> %.2fM parameters (sparsity %.3f of the prunable weights)",
+                     trainer.global_step, before / 1e6, after / 1e6, sparsity)
+        pl_module.log("train/pruned_params_m", after / 1e6, batch_size=1)
         # Rebuild optimizer + scheduler for the compact model; the cosine schedule continues from this step.
         trainer.strategy.setup_optimizers(trainer)
+        import warnings
+
         for cfg in trainer.lr_scheduler_configs:
-            cfg.scheduler.last_epoch = trainer.global_step
-            cfg.scheduler.step()
+            cfg.scheduler.last_epoch = trainer.global_step - 1
+            with warnings.catch_warnings():
+                # Intended: advance the fresh scheduler to the current step before the new optimizer's first step.
+                warnings.simplefilter("ignore", UserWarning)
+                cfg.scheduler.step()
 
     def state_dict(self) -> dict:
-        return {"pruned": self.pruned}
+        return {"pruned": self.pruned, "pruner": self.pruner.state_dict() if self.pruner is not None else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.pruned = bool(state_dict.get("pruned", False))
+        self._pending = state_dict.get("pruner")

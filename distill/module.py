@@ -50,6 +50,7 @@ class DistillModule(pl.LightningModule):
         max_steps: int,
         channels_last: bool = False,
         freeze_logit_scale: float | None = None,
+        caption_weight: float = 2.0,
         zeroshot_classes: list[str] | None = None,
         zeroshot_templates: list[str] | None = None,
         hparams: dict[str, Any] | None = None,
@@ -62,6 +63,7 @@ class DistillModule(pl.LightningModule):
         max_steps: Total optimizer steps (the cosine schedule's horizon).
         channels_last: Feed the image tower channels-last tensors.
         freeze_logit_scale: Fix the student's logit scale to this value (TinyCLIP: 50).
+        caption_weight: Weight of a CoCa student's captioning loss (open_clip's CoCa default: 2).
         zeroshot_classes: Class names of validation dataloader 0 (when validating).
         zeroshot_templates: Prompt templates with `{}` for those classes.
         hparams: Plain-data hyper-parameters to store in checkpoints (student cfg, teacher name, data, ...).
@@ -76,6 +78,7 @@ class DistillModule(pl.LightningModule):
         self.optim = optim
         self.max_steps = max_steps
         self.channels_last = channels_last
+        self.caption_weight = caption_weight
         self.zeroshot_classes = zeroshot_classes
         self.zeroshot_templates = zeroshot_templates
         if freeze_logit_scale is not None:
@@ -87,10 +90,19 @@ class DistillModule(pl.LightningModule):
         self._val_store: dict[str, list] = {}
 
     def forward(self, image: Tensor, text: Tensor, syn_text: Tensor | None = None) -> dict[str, Tensor]:
-        """Student embeddings for a batch. `image` is uint8 or [0, 1] at the student's size (normalised here)."""
+        """Student embeddings for a batch. `image` is uint8 or [0, 1] at the student's size (normalised here).
+
+        CoCa students (`caption_loss_enabled`) also return their captioning loss on the real caption, computed in
+        the same tower passes (`forward_train`).
+        """
         pixels = self.student.normalize(image)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if getattr(self.student, "caption_loss_enabled", False):
+            out = self.student.forward_train(pixels, text)
+            if syn_text is not None:
+                out["syn_text_features"] = self.student.encode_text(syn_text, normalize=True)
+            return out
         image_features = self.student.encode_image(pixels, normalize=True)
         out = {"image_features": image_features, "logit_scale": self.student.logit_scale.exp()}
         if syn_text is None:
@@ -107,7 +119,10 @@ class DistillModule(pl.LightningModule):
         if out.get("syn_text_features") is not None and "teacher_syn_text_features" not in targets and targets:
             # A live teacher without synthetic captions: score the synthetic caption contrastively only.
             targets["teacher_syn_text_features"] = None
+        caption_loss = out.pop("caption_loss", None)
         losses = self.loss(**out, **targets)
+        if caption_loss is not None and self.caption_weight > 0:
+            losses["caption_loss"] = self.caption_weight * caption_loss
         pruner = getattr(self, "pruner", None)
         if pruner is not None:
             # Automatic inheritance: the Lagrangian sparsity term of the L0 masks (distill.callbacks).

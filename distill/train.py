@@ -72,7 +72,8 @@ def build_loss(
         teacher_dims=teacher_dims if has_teacher else None,
         student_dim=student_dim,
     )
-    return loss, {"preset": preset, **weights, "teacher_logit_scales": scales, "freeze_student_logit_scale": freeze}
+    return loss, {"preset": preset, **weights, "caption_weight": args.caption_weight, "teacher_logit_scales": scales,
+                  "freeze_student_logit_scale": freeze}
 
 
 def _versions() -> dict[str, str]:
@@ -166,10 +167,23 @@ def train(
     overrides = {"image_size": image_size, "context_length": context_length}
     src = Path(student.removeprefix("local-dir:")).expanduser()
     model = load_student(src) if src.exists() else create_student(student, **overrides)
+    ckpt_path = _resume_path(trainer.resume, root)
+    resumed_cfg = _checkpoint_student_cfg(ckpt_path) if ckpt_path else None
+    if resumed_cfg is not None and resumed_cfg != model.cfg.to_dict():
+        # The checkpoint holds a structurally different student (pruned by automatic inheritance): rebuild it.
+        from students import CLIPStudent, StudentCfg
+
+        _logger.info("resuming a pruned student: %s", resumed_cfg.get("name"))
+        model = CLIPStudent(StudentCfg.from_dict(resumed_cfg))
     if student_weights:
         model.load_state_dict(load_student(Path(student_weights)).state_dict())
+    if inherit.source and inherit.mode == "auto" and ckpt_path is None:
+        # Automatic inheritance starts from the (larger) source model itself and learns what to remove;
+        # --student then only names the run.
+        model = _inherit_source(inherit.source, teacher)
+        model.train()
     inherit_report = None
-    if inherit.source and inherit.mode == "manual":
+    if inherit.source and inherit.mode == "manual" and ckpt_path is None:
         source = _inherit_source(inherit.source, teacher)
         inherit_report = inherit_weights(model, source.state_dict(), source_cfg=getattr(source, "cfg", None))
         _logger.info("weight inheritance: %s", inherit_report.summary() if hasattr(inherit_report, "summary") else "")
@@ -218,6 +232,7 @@ def train(
         max_steps=trainer.max_steps,
         channels_last=trainer.channels_last,
         freeze_logit_scale=loss_desc["freeze_student_logit_scale"],
+        caption_weight=loss.caption_weight,
         zeroshot_classes=dm.zeroshot_classes,
         zeroshot_templates=dm.zeroshot_templates,
         hparams=hparams,
@@ -254,7 +269,6 @@ def train(
         use_distributed_sampler=False,  # NOTE: our resumable sampler shards by rank itself
         deterministic=False,
     )
-    ckpt_path = _resume_path(trainer.resume, root)
     if ckpt_path:
         _logger.info("resuming from %s", ckpt_path)
     fit_t0 = time.time()
@@ -313,6 +327,13 @@ def _inherit_source(source: str, teacher: str | None) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"--inherit.source {source}: no such student directory or checkpoint")
     return load_student(path)
+
+
+def _checkpoint_student_cfg(path: str) -> dict | None:
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return (ckpt.get("hyper_parameters") or {}).get("student_cfg")
 
 
 def _callbacks(args: TrainerArgs, root: Path) -> tuple[list, Any]:

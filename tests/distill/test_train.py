@@ -118,3 +118,49 @@ def test_resume_after_sigkill_continues_the_same_loss_trajectory(tmp_path, tiny_
     assert final_b["global_step"] == final_a["global_step"] == 8
     for k, v in final_a["state_dict"].items():
         torch.testing.assert_close(final_b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_coca_student_trains_with_caption_loss_and_serves_as_teacher_and_captioner(tmp_path, tiny_corpus):
+    import teachers
+
+    assert main(_args(tmp_path, tiny_corpus, "--student", "test_tiny_coca")) == 0
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert "train/caption_loss" in header and "train/contrastive_loss" in header
+    teacher = teachers.create_teacher(f"local-dir:{tmp_path / 'student'}")
+    from students import load_student
+
+    student = load_student(tmp_path / "student")
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(teacher.encode_image(images),
+                               student.encode_image(student.normalize(images), normalize=True), rtol=1e-5, atol=1e-5)
+    captioner = teachers.create_captioner(f"local-dir:{tmp_path / 'student'}")
+    caps = captioner.generate(images, num_captions=2, seed=0, max_len=8)
+    assert len(caps) == 2 and all(isinstance(c, str) for cs in caps for c in cs)
+
+
+def test_manual_inheritance_and_auto_l0_pruning(tmp_path, tiny_corpus):
+    from students import load_student
+
+    src = tmp_path / "src"
+    assert main(_args(src, tiny_corpus, "--student", "tiny_vit", "--image_size", "32")) == 0
+    # Manual (TinyCLIP) inheritance into a thinner, shallower student of the same family.
+    man = tmp_path / "manual"
+    assert main(_args(man, tiny_corpus, "--student", "tiny_vit_s", "--image_size", "32",
+                      "--inherit.source", str(src / "student"), "--trainer.max_steps", "1")) == 0
+    run = json.loads((man / "run.json").read_text())
+    assert "inheritance" in run
+    # Automatic inheritance: learn masks, prune at step 2, keep training the compact model, and save it.
+    auto = tmp_path / "auto"
+    assert main(_args(auto, tiny_corpus, "--student", "tiny_vit", "--inherit.source", str(src / "student"),
+                      "--inherit.mode", "auto", "--inherit.target_sparsity", "0.5",
+                      "--inherit.sparsity_warmup_steps", "1", "--inherit.mask_lr", "3.0", "--trainer.max_steps", "8",
+                      "--inherit.prune_step", "6")) == 0
+    big, small = load_student(src / "student"), load_student(auto / "student")
+    n_big = sum(p.numel() for p in big.parameters())
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small < n_big
+    ckpt = torch.load(auto / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["student_cfg"] == small.cfg.to_dict()
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    assert small.encode_image(small.normalize(x)).shape == (2, small.embed_dim)
