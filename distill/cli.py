@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [chosen] if chosen in SUBCOMMANDS else list(SUBCOMMANDS)
     components = {name: _load(name) for name in names}
     try:
-        result = CLI(components, args=args, as_positional=False)
+        result = CLI(components, args=args, as_positional=False, prog="distill")
     except (ValueError, KeyError, FileNotFoundError) as err:
         # Validation errors name the flag; print them without a traceback.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

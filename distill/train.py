@@ -180,11 +180,11 @@ def train(
     if inherit.source and inherit.mode == "auto" and ckpt_path is None:
         # Automatic inheritance starts from the (larger) source model itself and learns what to remove;
         # --student then only names the run.
-        model = _inherit_source(inherit.source, teacher)
+        model = _inherit_source(inherit.source, teacher, teacher_weights)
         model.train()
     inherit_report = None
     if inherit.source and inherit.mode == "manual" and ckpt_path is None:
-        source = _inherit_source(inherit.source, teacher)
+        source = _inherit_source(inherit.source, teacher, teacher_weights)
         inherit_report = inherit_weights(model, source.state_dict(), source_cfg=getattr(source, "cfg", None))
         _logger.info("weight inheritance: %s", inherit_report.summary() if hasattr(inherit_report, "summary") else "")
 
@@ -316,17 +316,42 @@ def train(
     return summary
 
 
-def _inherit_source(source: str, teacher: str | None) -> Any:
+def _inherit_source(source: str, teacher: str | None, teacher_weights: str | None = None) -> Any:
+    """The model weights are inherited from: a saved student / checkpoint, or the (open_clip) teacher itself."""
     from students import load_student
 
     if source == "teacher":
         if not teacher:
             raise ValueError("--inherit.source teacher needs --teacher")
-        source = teacher
+        path = Path(teacher.removeprefix("local-dir:")).expanduser()
+        return load_student(path) if path.exists() else _teacher_as_student(teacher, teacher_weights)
     path = Path(source.removeprefix("local-dir:")).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--inherit.source {source}: no such student directory or checkpoint")
     return load_student(path)
+
+
+def _teacher_as_student(name: str, weights: str | None) -> Any:
+    """An open_clip teacher re-expressed as a student (same config and weights), to inherit from (TinyCLIP)."""
+    import open_clip
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    from students import CLIPStudent, StudentCfg
+    from teachers import WeightSpec, create_teacher
+
+    t = create_teacher(name, weights=WeightSpec(file=weights) if weights else None)
+    model = getattr(t, "model", None)
+    arch = getattr(t.cfg, "arch", None)
+    model_cfg = open_clip.get_model_config(arch) if arch else None
+    if model is None or model_cfg is None:
+        raise ValueError(f"--inherit.source teacher: {name} is not a single open_clip teacher; pass a saved student "
+                         "directory to --inherit.source instead")
+    student = CLIPStudent(StudentCfg.from_open_clip(model_cfg, name=f"teacher:{name}"))
+    state = model.state_dict()
+    if "positional_embedding" in state:  # CLIP (non-custom-text) key layout -> CustomTextCLIP's `text.*`
+        state = convert_to_custom_text_state_dict(state)
+    student.load_state_dict(state, strict=False)
+    return student
 
 
 def _checkpoint_student_cfg(path: str) -> dict | None:

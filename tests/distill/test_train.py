@@ -164,3 +164,10 @@ def test_manual_inheritance_and_auto_l0_pruning(tmp_path, tiny_corpus):
     assert ckpt["hyper_parameters"]["student_cfg"] == small.cfg.to_dict()
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     assert small.encode_image(small.normalize(x)).shape == (2, small.embed_dim)
+
+
+def test_inherit_from_the_live_open_clip_teacher(tmp_path, tiny_corpus):
+    assert main(_args(tmp_path, tiny_corpus, "--teacher", "test_tiny", "--inherit.source", "teacher",
+                      "--loss.preset", "tinyclip", "--trainer.max_steps", "1")) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["mode"] == "online" and "inheritance" in run

@@ -1,0 +1,84 @@
+"""`distill eval`: metrics against naive loops, and end-to-end runs on teachers and students."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.evaluate import CaptionSet, ImageFolderSet, evaluate, retrieval_metrics, zeroshot_classifier
+
+
+def _naive_recall(img, txt, owner, k):
+    sims = img @ txt.T
+    i2t = t2i = 0
+    for i in range(img.shape[0]):
+        top = sims[i].argsort(descending=True)[:k].tolist()
+        i2t += any(owner[j] == i for j in top)
+    for j in range(txt.shape[0]):
+        top = sims[:, j].argsort(descending=True)[:k].tolist()
+        t2i += int(owner[j]) in top
+    return 100.0 * i2t / img.shape[0], 100.0 * t2i / txt.shape[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_metrics_match_naive(seed):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    owner = torch.arange(12).repeat_interleave(3)  # 3 captions per image
+    txt = F.normalize(img[owner] + 0.9 * torch.randn(36, 8, generator=g), dim=-1)
+    got = retrieval_metrics(img, txt, owner)
+    for k in (1, 5, 10):
+        i2t, t2i = _naive_recall(img, txt, owner, k)
+        assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
+        assert got[f"t2i_R@{k}"] == pytest.approx(t2i)
+
+
+def test_perfect_embeddings_give_full_recall():
+    img = torch.eye(6)
+    owner = torch.arange(6).repeat_interleave(2)
+    m = retrieval_metrics(img, img[owner], owner)
+    assert m["i2t_R@1"] == m["t2i_R@1"] == 100.0
+
+
+def test_zeroshot_classifier_is_normalised_prompt_mean():
+    table = {"a x.": torch.tensor([1.0, 0.0]), "b x.": torch.tensor([0.0, 1.0]),
+             "a y.": torch.tensor([1.0, 1.0]), "b y.": torch.tensor([1.0, -1.0])}
+    w = zeroshot_classifier(lambda texts: torch.stack([table[t] for t in texts]), ["x", "y"], ["a {}.", "b {}."])
+    assert w.shape == (2, 2)
+    torch.testing.assert_close(w[:, 0], F.normalize(torch.tensor([0.5, 0.5]), dim=0))
+    torch.testing.assert_close(w[:, 1], torch.tensor([1.0, 0.0]))
+
+
+def test_datasets_read_corpus_layouts(tiny_corpus):
+    zs = ImageFolderSet(tiny_corpus / "zeroshot", 24)
+    assert len(zs.classes) == 30 and zs[0]["image"].shape == (3, 24, 24) and zs.templates
+    cs = CaptionSet(tiny_corpus / "val", 24)
+    assert len(cs) == 16 and len(cs[0]["captions"]) == 5
+
+
+def test_flickr_layout_with_split_file(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "images" / name)
+    (tmp_path / "captions.csv").write_text('image,caption\na.jpg,"one, with comma"\na.jpg,two\nb.jpg,three\n'
+                                           "c.jpg,four\n")
+    (tmp_path / "test.txt").write_text("b.jpg\na.jpg\n")
+    cs = CaptionSet(tmp_path, 16, split_file=tmp_path / "test.txt")
+    assert [c["captions"] for c in (cs[0], cs[1])] == [["three"], ["one, with comma", "two"]]
+
+
+def test_evaluate_teacher_and_student_end_to_end(tmp_path, tiny_corpus):
+    sets = dict(zeroshot=str(tiny_corpus / "zeroshot"), retrieval=str(tiny_corpus / "val"))
+    from distill.args import EvalArgs
+
+    res_t = evaluate(teacher="test_tiny_ensemble", data=EvalArgs(**sets), out=tmp_path / "t.json")
+    res_s = evaluate(student="test_tiny", data=EvalArgs(**sets))
+    for res in (res_t, res_s):
+        assert res["zeroshot_n"] == 30 and res["retrieval_images"] == 16 and res["retrieval_captions"] == 80
+        assert 0.0 <= res["zeroshot_top1"] <= 100.0 and 0.0 <= res["t2i_R@10"] <= 100.0
+    assert json.loads((tmp_path / "t.json").read_text())["model"] == "test_tiny_ensemble"
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate()
