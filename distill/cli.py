@@ -41,6 +41,10 @@ def _print_result(command: str, result: Any) -> None:
         print(result)
         return
     table = result.pop("_table", None) if isinstance(result, dict) else None
+    if command == "eval" and isinstance(result, dict):
+        from distill.evaluate import format_results
+
+        print(format_results(result))
     if table:
         print(table)
     else:

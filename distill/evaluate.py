@@ -33,6 +33,7 @@ __all__ = [
     "CaptionSet",
     "ImageFolderSet",
     "evaluate",
+    "format_results",
     "load_image",
     "retrieval_metrics",
     "zeroshot_classifier",
@@ -359,6 +360,21 @@ def evaluate(
     if out is not None:
         _write_json(Path(out), results)
     return results
+
+
+def format_results(res: dict) -> str:
+    """A readable two-column table of an `evaluate` result."""
+    rows = [("model", f"{res.get('model')} ({res.get('kind')}, {res.get('image_size')} px)")]
+    if "zeroshot_top1" in res:
+        top5 = f", top-5 {res['zeroshot_top5']:.2f} %" if "zeroshot_top5" in res else ""
+        rows.append(("zero-shot", f"top-1 {res['zeroshot_top1']:.2f} %{top5} "
+                                  f"({res['zeroshot_n']} images, {res['zeroshot_classes']} classes)"))
+    if "i2t_R@1" in res:
+        for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
+            rows.append((label, "  ".join(f"R@{k} {res[f'{d}_R@{k}']:.2f}" for k in (1, 5, 10))))
+        rows.append(("retrieval set", f"{res['retrieval_images']} images, {res['retrieval_captions']} captions"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
 def _write_json(path: Path, obj: Any) -> None:
