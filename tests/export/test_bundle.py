@@ -1,0 +1,86 @@
+"""export.bundle: tokenizer files an app can use, class embeddings equal to the PyTorch text tower."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import regex
+import torch
+
+from export import bundle
+
+
+def _bpe_encode(text: str, vocab: dict[str, int], ranks: dict[tuple[str, str], int], context_length: int) -> list[int]:
+    """A minimal CLIP BPE tokenizer written from the two files only (what an app implements)."""
+    byte_map = open_clip.tokenizer.bytes_to_unicode()
+    pattern = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+    ids = [vocab["<|startoftext|>"]]
+    for piece in pattern.findall(" ".join(text.lower().split())):
+        word = [byte_map[b] for b in piece.encode("utf-8")]
+        word[-1] += "</w>"
+        while len(word) > 1:
+            pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(word[:-1], word[1:], strict=True))]
+            best, i = min(pairs)
+            if best == 1 << 30:
+                break
+            first, second = word[i], word[i + 1]
+            merged, j = [], 0
+            while j < len(word):  # merge every occurrence of the best pair, left to right
+                if j < len(word) - 1 and word[j] == first and word[j + 1] == second:
+                    merged.append(first + second)
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            word = merged
+        ids += [vocab[w] for w in word]
+    ids = ids[: context_length - 1] + [vocab["<|endoftext|>"]]
+    return ids + [0] * (context_length - len(ids))
+
+
+def test_tokenizer_files_reproduce_open_clip(tmp_path: Path) -> None:
+    entry = bundle.write_tokenizer_files(tmp_path)
+    vocab = json.loads((tmp_path / bundle.VOCAB_NAME).read_text(encoding="utf-8"))
+    lines = (tmp_path / bundle.MERGES_NAME).read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "#version: 0.2" and len(lines) - 1 == 48894
+    assert len(vocab) == entry["vocab_size"] == 49408
+    assert entry["sot_token_id"] == vocab["<|startoftext|>"] == 49406
+    assert entry["eot_token_id"] == vocab["<|endoftext|>"] == 49407
+    ranks = {tuple(line.split()): i for i, line in enumerate(lines[1:])}
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=77)
+    sentences = [
+        "a photo of a dog.",
+        "Two RED apples, on a wooden table!",
+        "The quick brown fox jumps over 13 lazy dogs' backs",
+        "zebra-crossing in São Paulo at night",
+        "mixing numbers 3.14159 and punctuation ... ?!",
+    ]
+    for text in sentences:
+        want = reference([text])[0].tolist()
+        assert _bpe_encode(text, vocab, ranks, 77) == want, text
+    long_text = "word " * 100  # truncation keeps EOT last, like open_clip
+    assert _bpe_encode(long_text, vocab, ranks, 77) == reference([long_text])[0].tolist()
+
+
+def test_class_embeddings_equal_text_tower(make_student, tmp_path: Path) -> None:
+    student = make_student("test_tiny_mct")
+    names, templates = ["cat", "traffic light"], ["a photo of a {}.", "a drawing of a {}."]
+    emb = bundle.class_embeddings(student, names, templates)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            per_template = student.encode_text(student.tokenize([t.format(name) for t in templates]))
+            want = per_template.mean(0) / per_template.mean(0).norm()
+            torch.testing.assert_close(emb[i], want, atol=1e-6, rtol=1e-5)
+    entry = bundle.write_class_embeddings(tmp_path, names, emb, templates)
+    data = json.loads((tmp_path / entry["file"]).read_text())
+    assert data["classes"] == names and data["dim"] == 32 and data["normalized"]
+    torch.testing.assert_close(torch.tensor(data["embeddings"]), emb)
+
+
+def test_versions_and_git_sha() -> None:
+    v = bundle.versions()
+    assert v["torch"] and v["executorch"] != "not installed" and v["coremltools"] != "not installed"
+    sha = bundle.git_sha()
+    assert sha == "unknown" or len(sha) == 40
