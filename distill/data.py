@@ -39,7 +39,10 @@ def default_corpus(corpus_dir: str = DataArgs.corpus_dir) -> Path:
     from reinforced_data.shapes import write_shapes_corpus
 
     root = Path(os.path.expanduser(corpus_dir))
-    write_shapes_corpus(root)
+    # An existing complete corpus (corpus.json is written last) is used whatever its config, as in
+    # `reinforced_data.sources`: a smaller corpus written with `write_shapes_corpus` must not be regenerated.
+    if not (root / "corpus.json").is_file():
+        write_shapes_corpus(root)
     return root
 
 

@@ -30,13 +30,14 @@ def _step(title: str) -> float:
 
 def demo(
     out: Path = Path("demo_out"),
-    teacher: str = "tiny_vit",
+    teacher: str = "tiny_vit_s",
     student: str = "tiny_mci",
-    teacher_steps: int = 500,
-    student_steps: int = 300,
+    student_image_size: int = 32,
+    teacher_steps: int = 400,
+    student_steps: int = 150,
     batch_size: int = 64,
     num_augs: int = 4,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     seed: int = 0,
     export: bool = True,
     quick: bool = False,
@@ -47,11 +48,12 @@ def demo(
         out: Output directory (corpus, runs, reinforced shards, exports, summary.json).
         teacher: Student architecture trained from scratch to serve as the demo's teacher.
         student: Student architecture distilled from it.
+        student_image_size: Student input resolution (a phone-sized student sees smaller images than the teacher).
         teacher_steps: Teacher training steps.
         student_steps: Student training steps (distilled and scratch baselines alike).
         batch_size: Batch size of every training run.
         num_augs: Augmentations stored per image by build-data.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (default: 1 on <= 2 cores, else 2; the rest of the cores run torch).
         seed: Seed of every step.
         export: Also export the distilled student and benchmark it.
         quick: Tiny sizes for a smoke test (a few steps; numbers are meaningless).
@@ -66,13 +68,21 @@ def demo(
     from distill.train import train
     from reinforced_data.shapes import CorpusCfg, write_shapes_corpus
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
+    if num_workers is None:
+        num_workers = 1 if cores <= 2 else 2
+    # NOTE: oversubscribing cores (torch threads + loader workers) makes OpenMP spin-waits dominate on small CPUs.
+    torch.set_num_threads(max(1, cores - num_workers))
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     corpus_cfg = CorpusCfg(n_train=256, n_val=64, n_zeroshot_per_class=2, shard_size=128) if quick else CorpusCfg()
     if quick:
+        teacher, student, student_image_size = "test_tiny", "test_tiny", 32
         teacher_steps, student_steps, batch_size, num_augs = 3, 3, 16, 2
-    summary: dict[str, Any] = {"out": str(out), "teacher_arch": teacher, "student_arch": student}
+    summary: dict[str, Any] = {"out": str(out), "teacher_arch": teacher, "student_arch": student,
+                               "student_image_size": student_image_size, "teacher_steps": teacher_steps,
+                               "student_steps": student_steps, "batch_size": batch_size,
+                               "torch_threads": torch.get_num_threads(), "num_workers": num_workers}
     times: dict[str, float] = {}
     t_all = time.time()
 
@@ -109,11 +119,11 @@ def demo(
     times["build_data"] = time.time() - t
 
     t = _step(f"4/5 train the student ({student}) from reinforced shards, and from scratch ({student_steps} steps)")
-    res_kd = run("student_kd", student=student, steps=student_steps,
+    res_kd = run("student_kd", student=student, steps=student_steps, image_size=student_image_size,
                  data=DataArgs(path=str(reinforced), batch_size=batch_size, num_workers=num_workers))
     times["student_kd_train"] = time.time() - t
     t2 = time.time()
-    res_sc = run("student_scratch", student=student, steps=student_steps, data=data,
+    res_sc = run("student_scratch", student=student, steps=student_steps, image_size=student_image_size, data=data,
                  loss=LossArgs(preset="contrastive"))
     times["student_scratch_train"] = time.time() - t2
     summary["student_kd"] = evaluate(student=res_kd["student_dir"], data=val)
@@ -127,9 +137,11 @@ def demo(
 
         classes = meta["classes"]
         summary["export"] = export_fn(checkpoint=Path(res_kd["student_dir"]), out=out / "export", format="all",
-                                      args=ExportArgs(class_names=classes))
-        summary["bench"] = bench(artifacts=out / "export", args=BenchArgs(iters=5 if quick else 50,
-                                                                        warmup=2 if quick else 10))
+                                      args=ExportArgs(class_names=classes, templates=list(meta["templates"])))
+        bench_res = bench(artifacts=out / "export", args=BenchArgs(iters=5 if quick else 50,
+                                                                   warmup=2 if quick else 10))
+        summary["bench_table"] = bench_res.pop("_table", None)
+        summary["bench"] = bench_res
         times["export_bench"] = time.time() - t
     times["total"] = time.time() - t_all
     summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
@@ -154,6 +166,8 @@ def _table(s: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if n_classes:
         lines.append(f"(chance: {100.0 / n_classes:.1f} % zero-shot over {n_classes} classes)")
+    if s.get("bench_table"):
+        lines += ["", s["bench_table"]]
     if "seconds" in s:
         lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
     return "\n".join(lines)
