@@ -82,25 +82,43 @@ def memory(args: argparse.Namespace, device: torch.device) -> float:
 
     student = create_student(args.student)
     b = args.batch_size
-    feats = {"t0": torch.nn.functional.normalize(torch.randn(b, 768), dim=-1),
-             "t1": torch.nn.functional.normalize(torch.randn(b, 768), dim=-1)}
+    feats = {
+        "t0": torch.nn.functional.normalize(torch.randn(b, 768), dim=-1),
+        "t1": torch.nn.functional.normalize(torch.randn(b, 768), dim=-1),
+    }
     batch = {
         "image": torch.randint(0, 255, (b, 3, args.image_size, args.image_size), dtype=torch.uint8),
         "text": student.tokenize(["a photo of a small red circle"] * b),
         "syn_text": student.tokenize(["a red circle left of a blue square"] * b),
-        "teacher_image_features": feats, "teacher_text_features": feats, "teacher_syn_text_features": feats,
+        "teacher_image_features": feats,
+        "teacher_text_features": feats,
+        "teacher_syn_text_features": feats,
     }
     loss = DistillLoss(contrastive_weight=0.0, kd_weight=1.0, teacher_logit_scales={"t0": 100.0, "t1": 100.0})
-    module = DistillModule(student, None, loss, OptimArgs(lr=1e-4, warmup_steps=1), max_steps=args.warmup + args.steps,
-                           channels_last=device.type == "cuda")
+    module = DistillModule(
+        student,
+        None,
+        loss,
+        OptimArgs(lr=1e-4, warmup_steps=1),
+        max_steps=args.warmup + args.steps,
+        channels_last=device.type == "cuda",
+    )
     if args.compile:
         module.student = torch.compile(module.student)
     speed = Throughput(b, warmup=args.warmup)
     loader = torch.utils.data.DataLoader(_MemoryBatches(batch), batch_size=None)
-    trainer = pl.Trainer(max_steps=args.warmup + args.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
-                         devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[speed],
-                         enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=args.warmup + args.steps,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[speed],
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=loader)
     return float(speed.samples_per_second)
 
@@ -114,19 +132,32 @@ def pipeline(args: argparse.Namespace, device: torch.device, work: Path) -> floa
 
     n = max(args.batch_size * (args.warmup + args.steps + 2), 256)
     corpus = work / "corpus"
-    write_shapes_corpus(corpus, CorpusCfg(n_train=n, n_val=16, n_zeroshot_per_class=1, image_size=128,
-                                          shard_size=max(256, n // 4)))
+    write_shapes_corpus(
+        corpus, CorpusCfg(n_train=n, n_val=16, n_zeroshot_per_class=1, image_size=128, shard_size=max(256, n // 4))
+    )
     data = work / "reinforced"
-    build_data(out=data, input=str(corpus / "train"), teacher="test_tiny_ensemble",
-               build=BuildArgs(num_augs=4, num_syn=0, num_workers=args.workers, progress=False))
-    res = train(student=args.student, data=DataArgs(path=str(data), batch_size=args.batch_size,
-                                                    num_workers=args.workers),
-                loss=LossArgs(preset="mobileclip"), optim=OptimArgs(lr=1e-4, warmup_steps=1),
-                trainer=TrainerArgs(max_steps=args.warmup + args.steps, default_root_dir=str(work / "run"),
-                                    precision="bf16-mixed" if device.type == "cuda" else "32-true",
-                                    channels_last=device.type == "cuda", enable_progress_bar=False,
-                                    compile=args.compile, resume="never"),
-                val=EvalArgs())
+    build_data(
+        out=data,
+        input=str(corpus / "train"),
+        teacher="test_tiny_ensemble",
+        build=BuildArgs(num_augs=4, num_syn=0, num_workers=args.workers, progress=False),
+    )
+    res = train(
+        student=args.student,
+        data=DataArgs(path=str(data), batch_size=args.batch_size, num_workers=args.workers),
+        loss=LossArgs(preset="mobileclip"),
+        optim=OptimArgs(lr=1e-4, warmup_steps=1),
+        trainer=TrainerArgs(
+            max_steps=args.warmup + args.steps,
+            default_root_dir=str(work / "run"),
+            precision="bf16-mixed" if device.type == "cuda" else "32-true",
+            channels_last=device.type == "cuda",
+            enable_progress_bar=False,
+            compile=args.compile,
+            resume="never",
+        ),
+        val=EvalArgs(),
+    )
     return float(res["samples_per_second"])
 
 

@@ -79,7 +79,7 @@ class StudentEMA(pl.Callback):
             return
         for name, p in student.named_parameters():
             ema_params[name].lerp_(p.detach(), 1.0 - decay)
-        for (_, b_ema), (_, b) in zip(self.averaged_student.named_buffers(), student.named_buffers()):
+        for (_, b_ema), (_, b) in zip(self.averaged_student.named_buffers(), student.named_buffers(), strict=False):
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:
@@ -109,12 +109,15 @@ class L0PruningCallback(pl.Callback):
         from students.prune import L0Pruner
 
         if trainer.world_size > 1:
-            raise ValueError("--inherit.mode auto (L0 pruning) runs on one device; prune first, then scale out "
-                             "the continued training with --inherit.source <pruned student>")
+            raise ValueError(
+                "--inherit.mode auto (L0 pruning) runs on one device; prune first, then scale out "
+                "the continued training with --inherit.source <pruned student>"
+            )
         if self.pruned:
             return
-        self.pruner = L0Pruner(pl_module.student, target_sparsity=self.args.target_sparsity,
-                               warmup_steps=self.args.sparsity_warmup_steps)
+        self.pruner = L0Pruner(
+            pl_module.student, target_sparsity=self.args.target_sparsity, warmup_steps=self.args.sparsity_warmup_steps
+        )
         self.pruner.to(pl_module.device)
         if self._pending is not None:
             self.pruner.load_state_dict(self._pending)
@@ -122,8 +125,9 @@ class L0PruningCallback(pl.Callback):
         pl_module.pruner = self.pruner
         self._mask_opt = torch.optim.AdamW(list(self.pruner.parameters()), lr=self.args.mask_lr, weight_decay=0.0)
         # Lagrange multipliers are maximised (TinyCLIP trains them with lr -0.02).
-        self._lambda_opt = torch.optim.AdamW(list(self.pruner.lambda_parameters()), lr=self.args.mask_lr,
-                                             weight_decay=0.0, maximize=True)
+        self._lambda_opt = torch.optim.AdamW(
+            list(self.pruner.lambda_parameters()), lr=self.args.mask_lr, weight_decay=0.0, maximize=True
+        )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.pruner is not None and not self.pruned:
@@ -143,8 +147,13 @@ class L0PruningCallback(pl.Callback):
         pl_module.hparams["student_cfg"] = pruned.cfg.to_dict()
         self.pruned, self.pruner = True, None
         after = sum(p.numel() for p in pruned.parameters())
-        _logger.info("L0 pruning at step %d: %.2fM -> %.2fM parameters (sparsity %.3f of the prunable weights)",
-                     trainer.global_step, before / 1e6, after / 1e6, sparsity)
+        _logger.info(
+            "L0 pruning at step %d: %.2fM -> %.2fM parameters (sparsity %.3f of the prunable weights)",
+            trainer.global_step,
+            before / 1e6,
+            after / 1e6,
+            sparsity,
+        )
         pl_module.log("train/pruned_params_m", after / 1e6, batch_size=1)
         # Rebuild optimizer + scheduler for the compact model; the cosine schedule continues from this step.
         trainer.strategy.setup_optimizers(trainer)

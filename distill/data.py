@@ -91,8 +91,10 @@ class DataSpec:
         except KeyError:
             pass
         if given != stored:
-            raise ValueError(f"--teacher {name} does not match the shards' teachers {stored} (from teach.json); "
-                             "drop --teacher to train on the stored embeddings")
+            raise ValueError(
+                f"--teacher {name} does not match the shards' teachers {stored} (from teach.json); "
+                "drop --teacher to train on the stored embeddings"
+            )
 
     def fingerprint(self) -> str:
         """sha256 over shard paths, sizes and mtimes (cheap; identifies the exact data a run saw)."""
@@ -125,8 +127,7 @@ def resolve_data(args: DataArgs) -> DataSpec:
     corpus_root = None
     if args.path is None:
         corpus_root = default_corpus(args.corpus_dir)
-    shards = resolve_inputs(args.path, captions=args.captions, split_file=args.split_file,
-                            corpus_dir=args.corpus_dir)
+    shards = resolve_inputs(args.path, captions=args.captions, split_file=args.split_file, corpus_dir=args.corpus_dir)
     if not shards:
         raise FileNotFoundError(f"--data.path {args.path!r} holds no shard")
     source = args.path or str(corpus_root)
@@ -136,8 +137,10 @@ def resolve_data(args: DataArgs) -> DataSpec:
     if not is_reinforced:
         return DataSpec(False, shards, source, corpus_root=corpus_root)
     if schema.KEY_NPZ not in first and not args.trust_pickle:
-        raise ValueError("these shards store embeddings as pth.gz (a pickle, which can run code): pass "
-                         "--data.trust_pickle true only if you trust where they came from")
+        raise ValueError(
+            "these shards store embeddings as pth.gz (a pickle, which can run code): pass "
+            "--data.trust_pickle true only if you trust where they came from"
+        )
     root = Path(shards[0].path).parent
     teach = _load_teach(root, first, args.teacher_dims)
     return DataSpec(True, shards, source, teach=teach)
@@ -203,16 +206,24 @@ class _ShardSet(Dataset):
 class ReinforcedSet(_ShardSet):
     """Reinforced shards: one stored augmentation replayed at the student's size + the stored teacher targets."""
 
-    def __init__(self, spec: DataSpec, args: DataArgs, image_size: int, interpolation: str, tokenizer: Any,
-                 seed: int) -> None:
+    def __init__(
+        self, spec: DataSpec, args: DataArgs, image_size: int, interpolation: str, tokenizer: Any, seed: int
+    ) -> None:
         super().__init__(spec.shards, seed)
         from reinforced_data.reader import reinforced_pipeline
 
         # The streaming pipeline's per-sample decoder (replay + stored targets + caption choice), fed here with
         # randomly accessed samples; its randomness is keyed by (seed, epoch, uid) like ours.
         self.decoder = reinforced_pipeline(
-            [s.path for s in spec.shards], image_size=image_size, interpolation=interpolation, tokenize=tokenizer,
-            seed=seed, shuffle=0, use_syn=args.use_syn, p_syn_swap=args.p_syn_swap, trust_pickle=args.trust_pickle,
+            [s.path for s in spec.shards],
+            image_size=image_size,
+            interpolation=interpolation,
+            tokenize=tokenizer,
+            seed=seed,
+            shuffle=0,
+            use_syn=args.use_syn,
+            p_syn_swap=args.p_syn_swap,
+            trust_pickle=args.trust_pickle,
             teacher_dims={t["name"]: int(t["dim"]) for t in spec.teach},
         )
 
@@ -229,8 +240,9 @@ class ReinforcedSet(_ShardSet):
 class PlainSet(_ShardSet):
     """Plain image-caption data: a DR-style augmentation sampled on the fly (or a centre view), one random caption."""
 
-    def __init__(self, spec: DataSpec, args: DataArgs, image_size: int, interpolation: str, tokenizer: Any,
-                 seed: int) -> None:
+    def __init__(
+        self, spec: DataSpec, args: DataArgs, image_size: int, interpolation: str, tokenizer: Any, seed: int
+    ) -> None:
         super().__init__(spec.shards, seed)
         from reinforced_data.augment import AugmentCfg
 
@@ -242,8 +254,11 @@ class PlainSet(_ShardSet):
 
         shard_idx, ref = self.refs[i]
         shard = self.shards[shard_idx]
-        raw = read_sample(shard, ref, self._handles.get(shard.path)) if shard.kind == "folder" else \
-            read_sample(shard, ref, self._handle(shard))
+        raw = (
+            read_sample(shard, ref, self._handles.get(shard.path))
+            if shard.kind == "folder"
+            else read_sample(shard, ref, self._handle(shard))
+        )
         if raw.image is None:
             raise ValueError(raw.error or "no image")
         captions = raw.captions or ([raw.caption] if isinstance(raw.caption, str) and raw.caption.strip() else [])
@@ -288,8 +303,9 @@ def collate(batch: list[dict]) -> dict:
 class DistillDataModule(pl.LightningDataModule):
     """Training loader (reinforced or plain) with exact resume, plus zero-shot/retrieval validation loaders."""
 
-    def __init__(self, spec: DataSpec, args: DataArgs, student: Any, *, mode: str, seed: int, val: EvalArgs,
-                 accumulate: int = 1) -> None:
+    def __init__(
+        self, spec: DataSpec, args: DataArgs, student: Any, *, mode: str, seed: int, val: EvalArgs, accumulate: int = 1
+    ) -> None:
         super().__init__()
         from open_clip.tokenizer import SimpleTokenizer
 
@@ -318,8 +334,9 @@ class DistillDataModule(pl.LightningDataModule):
             cls = ReinforcedSet if self.mode == "reinforced" else PlainSet
             self._train = cls(self.spec, self.args, self.image_size, self.interpolation, self.tokenizer, self.seed)
             if len(self._train) < self.args.batch_size:
-                raise ValueError(f"--data.batch_size {self.args.batch_size} is larger than the dataset "
-                                 f"({len(self._train)} samples)")
+                raise ValueError(
+                    f"--data.batch_size {self.args.batch_size} is larger than the dataset ({len(self._train)} samples)"
+                )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -327,10 +344,19 @@ class DistillDataModule(pl.LightningDataModule):
         # NOTE: Lightning restores global_step before building loaders, so a resumed run continues at the exact
         # sample position: optimizer steps x batches per step x batch size.
         self.start_step = trainer.global_step if trainer is not None else 0
-        sampler = ResumableSampler(len(self._train), self.seed, rank, world, start=self.start_step * self.samples_per_step)
-        return DataLoader(self._train, batch_size=self.args.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.args.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.args.num_workers > 0)
+        sampler = ResumableSampler(
+            len(self._train), self.seed, rank, world, start=self.start_step * self.samples_per_step
+        )
+        return DataLoader(
+            self._train,
+            batch_size=self.args.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.args.num_workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.args.num_workers > 0,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         from distill.evaluate import CaptionSet, ImageFolderSet, collate_captions
@@ -341,8 +367,20 @@ class DistillDataModule(pl.LightningDataModule):
             zs = ImageFolderSet(self.zeroshot_set, self.image_size, self.interpolation, self.val.max_images)
             loaders.append(DataLoader(zs, batch_size=bs, num_workers=workers))
         if self.retrieval_set is not None:
-            ret = CaptionSet(self.retrieval_set, self.image_size, self.interpolation, self.val.retrieval_captions,
-                             self.val.retrieval_split_file, self.val.max_images)
-            loaders.append(DataLoader(ret, batch_size=bs, num_workers=workers,
-                                      collate_fn=functools.partial(collate_captions, tokenize=self.tokenizer)))
+            ret = CaptionSet(
+                self.retrieval_set,
+                self.image_size,
+                self.interpolation,
+                self.val.retrieval_captions,
+                self.val.retrieval_split_file,
+                self.val.max_images,
+            )
+            loaders.append(
+                DataLoader(
+                    ret,
+                    batch_size=bs,
+                    num_workers=workers,
+                    collate_fn=functools.partial(collate_captions, tokenize=self.tokenizer),
+                )
+            )
         return loaders

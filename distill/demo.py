@@ -30,11 +30,11 @@ def _step(title: str) -> float:
 
 def demo(
     out: Path = Path("demo_out"),
-    teacher: str = "tiny_vit_s",
-    student: str = "tiny_mci",
-    student_image_size: int = 32,
+    teacher: str = "tiny_mci",
+    student: str = "tiny_vit_s",
+    image_size: int = 32,
     teacher_steps: int = 400,
-    student_steps: int = 150,
+    student_steps: int = 300,
     batch_size: int = 64,
     num_augs: int = 4,
     num_workers: int | None = None,
@@ -48,7 +48,7 @@ def demo(
         out: Output directory (corpus, runs, reinforced shards, exports, summary.json).
         teacher: Student architecture trained from scratch to serve as the demo's teacher.
         student: Student architecture distilled from it.
-        student_image_size: Student input resolution (a phone-sized student sees smaller images than the teacher).
+        image_size: Input resolution of teacher and students (32 px keeps the demo within minutes on 2 cores).
         teacher_steps: Teacher training steps.
         student_steps: Student training steps (distilled and scratch baselines alike).
         batch_size: Batch size of every training run.
@@ -77,12 +77,19 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     corpus_cfg = CorpusCfg(n_train=256, n_val=64, n_zeroshot_per_class=2, shard_size=128) if quick else CorpusCfg()
     if quick:
-        teacher, student, student_image_size = "test_tiny", "test_tiny", 32
+        teacher, student, image_size = "test_tiny", "test_tiny", 32
         teacher_steps, student_steps, batch_size, num_augs = 3, 3, 16, 2
-    summary: dict[str, Any] = {"out": str(out), "teacher_arch": teacher, "student_arch": student,
-                               "student_image_size": student_image_size, "teacher_steps": teacher_steps,
-                               "student_steps": student_steps, "batch_size": batch_size,
-                               "torch_threads": torch.get_num_threads(), "num_workers": num_workers}
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "teacher_arch": teacher,
+        "student_arch": student,
+        "image_size": image_size,
+        "teacher_steps": teacher_steps,
+        "student_steps": student_steps,
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "num_workers": num_workers,
+    }
     times: dict[str, float] = {}
     t_all = time.time()
 
@@ -96,14 +103,26 @@ def demo(
 
     def run(name: str, **kw: Any) -> dict:
         steps = kw.pop("steps")
-        trainer = TrainerArgs(max_steps=steps, default_root_dir=str(out / "runs" / name), seed=seed,
-                              log_every_n_steps=max(1, min(20, steps // 5)), enable_progress_bar=False,
-                              checkpoint_every_n_steps=max(1, steps))
+        trainer = TrainerArgs(
+            max_steps=steps,
+            default_root_dir=str(out / "runs" / name),
+            seed=seed,
+            log_every_n_steps=max(1, min(20, steps // 5)),
+            enable_progress_bar=False,
+            checkpoint_every_n_steps=max(1, steps),
+        )
         optim = OptimArgs(lr=kw.pop("lr", 2e-3), warmup_steps=max(1, steps // 10), weight_decay=0.1)
         return train(trainer=trainer, optim=optim, val=val, **kw)
 
     t = _step(f"2/5 train the demo teacher ({teacher}, scratch, {teacher_steps} steps)")
-    res_t = run("teacher", student=teacher, steps=teacher_steps, data=data, loss=LossArgs(preset="contrastive"))
+    res_t = run(
+        "teacher",
+        student=teacher,
+        steps=teacher_steps,
+        image_size=image_size,
+        data=data,
+        loss=LossArgs(preset="contrastive"),
+    )
     times["teacher_train"] = time.time() - t
     teacher_dir = Path(res_t["student_dir"])
     summary["teacher"] = evaluate(teacher=f"local-dir:{teacher_dir}", data=val)
@@ -112,19 +131,32 @@ def demo(
     from reinforced_data.build import BuildArgs, build_data
 
     reinforced = out / "reinforced"
-    build = BuildArgs(num_augs=num_augs, num_syn=0, batch_size=128, num_workers=num_workers, seed=seed,
-                      scale_min=0.35, progress=False)
-    summary["build_data"] = build_data(out=reinforced, input=str(corpus / "train"),
-                                       teacher=f"local-dir:{teacher_dir}", build=build)
+    build = BuildArgs(
+        num_augs=num_augs, num_syn=0, batch_size=128, num_workers=num_workers, seed=seed, scale_min=0.35, progress=False
+    )
+    summary["build_data"] = build_data(
+        out=reinforced, input=str(corpus / "train"), teacher=f"local-dir:{teacher_dir}", build=build
+    )
     times["build_data"] = time.time() - t
 
     t = _step(f"4/5 train the student ({student}) from reinforced shards, and from scratch ({student_steps} steps)")
-    res_kd = run("student_kd", student=student, steps=student_steps, image_size=student_image_size,
-                 data=DataArgs(path=str(reinforced), batch_size=batch_size, num_workers=num_workers))
+    res_kd = run(
+        "student_kd",
+        student=student,
+        steps=student_steps,
+        image_size=image_size,
+        data=DataArgs(path=str(reinforced), batch_size=batch_size, num_workers=num_workers),
+    )
     times["student_kd_train"] = time.time() - t
     t2 = time.time()
-    res_sc = run("student_scratch", student=student, steps=student_steps, image_size=student_image_size, data=data,
-                 loss=LossArgs(preset="contrastive"))
+    res_sc = run(
+        "student_scratch",
+        student=student,
+        steps=student_steps,
+        image_size=image_size,
+        data=data,
+        loss=LossArgs(preset="contrastive"),
+    )
     times["student_scratch_train"] = time.time() - t2
     summary["student_kd"] = evaluate(student=res_kd["student_dir"], data=val)
     summary["student_scratch"] = evaluate(student=res_sc["student_dir"], data=val)
@@ -136,10 +168,13 @@ def demo(
         from export.bench import BenchArgs, bench
 
         classes = meta["classes"]
-        summary["export"] = export_fn(checkpoint=Path(res_kd["student_dir"]), out=out / "export", format="all",
-                                      args=ExportArgs(class_names=classes, templates=list(meta["templates"])))
-        bench_res = bench(artifacts=out / "export", args=BenchArgs(iters=5 if quick else 50,
-                                                                   warmup=2 if quick else 10))
+        summary["export"] = export_fn(
+            checkpoint=Path(res_kd["student_dir"]),
+            out=out / "export",
+            format="all",
+            args=ExportArgs(class_names=classes, templates=list(meta["templates"])),
+        )
+        bench_res = bench(artifacts=out / "export", args=BenchArgs(iters=5 if quick else 50, warmup=2 if quick else 10))
         summary["bench_table"] = bench_res.pop("_table", None)
         summary["bench"] = bench_res
         times["export_bench"] = time.time() - t
@@ -154,15 +189,24 @@ def demo(
 
 def _table(s: dict) -> str:
     rows = [("model", "zero-shot top-1 %", "i2t R@1", "t2i R@1", "t2i R@5")]
-    for key, label in (("teacher", f"teacher {s['teacher_arch']} (scratch)"),
-                       ("student_scratch", f"student {s['student_arch']} scratch"),
-                       ("student_kd", f"student {s['student_arch']} reinforced KD")):
+    for key, label in (
+        ("teacher", f"teacher {s['teacher_arch']} (scratch)"),
+        ("student_scratch", f"student {s['student_arch']} scratch"),
+        ("student_kd", f"student {s['student_arch']} reinforced KD"),
+    ):
         r = s.get(key) or {}
-        rows.append((label, f"{r.get('zeroshot_top1', float('nan')):.1f}", f"{r.get('i2t_R@1', float('nan')):.1f}",
-                     f"{r.get('t2i_R@1', float('nan')):.1f}", f"{r.get('t2i_R@5', float('nan')):.1f}"))
+        rows.append(
+            (
+                label,
+                f"{r.get('zeroshot_top1', float('nan')):.1f}",
+                f"{r.get('i2t_R@1', float('nan')):.1f}",
+                f"{r.get('t2i_R@1', float('nan')):.1f}",
+                f"{r.get('t2i_R@5', float('nan')):.1f}",
+            )
+        )
     n_classes = (s.get("teacher") or {}).get("zeroshot_classes")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if n_classes:
         lines.append(f"(chance: {100.0 / n_classes:.1f} % zero-shot over {n_classes} classes)")

@@ -65,8 +65,9 @@ def zeroshot_classifier(
     return torch.stack(rows, dim=1)
 
 
-def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_owner: Tensor,
-                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    image_features: Tensor, text_features: Tensor, text_owner: Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@K both ways.
 
     Args:
@@ -110,8 +111,9 @@ def load_image(data: bytes | str | Path, image_size: int, interpolation: str = "
 class ImageFolderSet(Dataset):
     """`root/<class name>/*.jpg` (CIFAR-10 test layout); class names are folder names with `_` as spaces."""
 
-    def __init__(self, root: str | Path, image_size: int, interpolation: str = "bicubic",
-                 max_images: int | None = None) -> None:
+    def __init__(
+        self, root: str | Path, image_size: int, interpolation: str = "bicubic", max_images: int | None = None
+    ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"zero-shot set {root} is not a directory of class folders")
@@ -119,8 +121,9 @@ class ImageFolderSet(Dataset):
         if not folders:
             raise ValueError(f"zero-shot set {root} has no class folders")
         self.classes = [p.name.replace("_", " ") for p in folders]
-        self.items = [(f, c) for c, d in enumerate(folders) for f in sorted(d.iterdir())
-                      if f.suffix.lower() in IMAGE_EXTENSIONS]
+        self.items = [
+            (f, c) for c, d in enumerate(folders) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         if max_images is not None and len(self.items) > max_images:
             # Keep class balance when capping: a fixed-stride subsample of the sorted list.
             stride = len(self.items) / max_images
@@ -152,9 +155,15 @@ class CaptionSet(Dataset):
     shards whose samples carry `json` with a `captions` list (else the single `txt`).
     """
 
-    def __init__(self, source: str | Path, image_size: int, interpolation: str = "bicubic",
-                 captions: str | Path | None = None, split_file: str | Path | None = None,
-                 max_images: int | None = None) -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        image_size: int,
+        interpolation: str = "bicubic",
+        captions: str | Path | None = None,
+        split_file: str | Path | None = None,
+        max_images: int | None = None,
+    ) -> None:
         self.image_size, self.interpolation = image_size, interpolation
         self.items: list[tuple[Any, list[str]]] = _caption_items(source, captions, split_file)
         if not self.items:
@@ -327,8 +336,9 @@ def evaluate(
     """
     if (student is None) == (teacher is None):
         raise ValueError("pass exactly one of --student or --teacher")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     if student is not None:
         from students import create_student, load_student
 
@@ -345,16 +355,21 @@ def evaluate(
 
         root = default_corpus()
         zs, ret = str(root / "zeroshot"), str(root / "val")
-    results: dict[str, Any] = {"model": name, "kind": "student" if student else "teacher",
-                               "image_size": enc.image_size, "device": str(dev)}
+    results: dict[str, Any] = {
+        "model": name,
+        "kind": "student" if student else "teacher",
+        "image_size": enc.image_size,
+        "device": str(dev),
+    }
     if zs is not None:
         ds = ImageFolderSet(zs, enc.image_size, enc.interpolation, data.max_images)
         templates = list(data.templates or ds.templates or CLIP_TEMPLATES)
         results.update(run_zeroshot(enc, ds, templates, data.batch_size, num_workers))
         results["zeroshot_set"] = str(zs)
     if ret is not None:
-        ds = CaptionSet(ret, enc.image_size, enc.interpolation, data.retrieval_captions, data.retrieval_split_file,
-                        data.max_images)
+        ds = CaptionSet(
+            ret, enc.image_size, enc.interpolation, data.retrieval_captions, data.retrieval_split_file, data.max_images
+        )
         results.update(run_retrieval(enc, ds, data.batch_size, num_workers))
         results["retrieval_set"] = str(ret)
     if out is not None:
@@ -367,8 +382,13 @@ def format_results(res: dict) -> str:
     rows = [("model", f"{res.get('model')} ({res.get('kind')}, {res.get('image_size')} px)")]
     if "zeroshot_top1" in res:
         top5 = f", top-5 {res['zeroshot_top5']:.2f} %" if "zeroshot_top5" in res else ""
-        rows.append(("zero-shot", f"top-1 {res['zeroshot_top1']:.2f} %{top5} "
-                                  f"({res['zeroshot_n']} images, {res['zeroshot_classes']} classes)"))
+        rows.append(
+            (
+                "zero-shot",
+                f"top-1 {res['zeroshot_top1']:.2f} %{top5} "
+                f"({res['zeroshot_n']} images, {res['zeroshot_classes']} classes)",
+            )
+        )
     if "i2t_R@1" in res:
         for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
             rows.append((label, "  ".join(f"R@{k} {res[f'{d}_R@{k}']:.2f}" for k in (1, 5, 10))))

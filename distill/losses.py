@@ -200,7 +200,8 @@ class FeatureKDLoss(nn.Module):
         for name, ti in teacher_image_features.items():
             si = self.proj(image_features, name, "image")
             st = self.proj(text_features, name, "text")
-            loss = loss + F.mse_loss(si.float(), ti.float()) + F.mse_loss(st.float(), teacher_text_features[name].float())
+            tt = teacher_text_features[name]
+            loss = loss + F.mse_loss(si.float(), ti.float()) + F.mse_loss(st.float(), tt.float())
         return {"fd_loss": self.weight * loss / len(teacher_image_features)}
 
 

@@ -38,7 +38,11 @@ _PRESETS: dict[str, dict[str, float]] = {
 
 
 def build_loss(
-    args: LossArgs, *, has_teacher: bool, teacher_scales: dict[str, float], teacher_dims: dict[str, int],
+    args: LossArgs,
+    *,
+    has_teacher: bool,
+    teacher_scales: dict[str, float],
+    teacher_dims: dict[str, int],
     student_dim: int,
 ) -> tuple[Any, dict[str, Any]]:
     """Resolve the preset and overrides into a `DistillLoss`.
@@ -72,8 +76,13 @@ def build_loss(
         teacher_dims=teacher_dims if has_teacher else None,
         student_dim=student_dim,
     )
-    return loss, {"preset": preset, **weights, "caption_weight": args.caption_weight, "teacher_logit_scales": scales,
-                  "freeze_student_logit_scale": freeze}
+    return loss, {
+        "preset": preset,
+        **weights,
+        "caption_weight": args.caption_weight,
+        "teacher_logit_scales": scales,
+        "freeze_student_logit_scale": freeze,
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -191,9 +200,7 @@ def train(
     # --- teacher / targets ---
     live_teacher = None
     if mode == "online":
-        from teachers import as_ensemble, create_teacher
-
-        from teachers import WeightSpec
+        from teachers import WeightSpec, as_ensemble, create_teacher
 
         weights = WeightSpec(file=teacher_weights) if teacher_weights else None
         live_teacher = as_ensemble(create_teacher(teacher, weights=weights))
@@ -205,12 +212,18 @@ def train(
     else:
         teacher_scales, teacher_dims = {}, {}
     has_teacher = mode != "scratch"
-    loss_module, loss_desc = build_loss(loss, has_teacher=has_teacher, teacher_scales=teacher_scales,
-                                        teacher_dims=teacher_dims, student_dim=model.embed_dim)
+    loss_module, loss_desc = build_loss(
+        loss,
+        has_teacher=has_teacher,
+        teacher_scales=teacher_scales,
+        teacher_dims=teacher_dims,
+        student_dim=model.embed_dim,
+    )
 
     # --- data ---
-    dm = DistillDataModule(spec, data, model, mode=mode, seed=trainer.seed, val=val,
-                           accumulate=trainer.accumulate_grad_batches)
+    dm = DistillDataModule(
+        spec, data, model, mode=mode, seed=trainer.seed, val=val, accumulate=trainer.accumulate_grad_batches
+    )
     pruner_cb = None
     if inherit.source and inherit.mode == "auto":
         from distill.callbacks import L0PruningCallback
@@ -228,7 +241,10 @@ def train(
         "schema_version": spec.schema_version,
     }
     module = DistillModule(
-        model, live_teacher, loss_module, optim,
+        model,
+        live_teacher,
+        loss_module,
+        optim,
         max_steps=trainer.max_steps,
         channels_last=trainer.channels_last,
         freeze_logit_scale=loss_desc["freeze_student_logit_scale"],
@@ -247,8 +263,10 @@ def train(
     callbacks.append(speed)
     if pruner_cb is not None:
         callbacks.append(pruner_cb)
-    loggers = [pl.loggers.CSVLogger(root, name="logs", version=""),
-               pl.loggers.TensorBoardLogger(root, name="tb", version="")]
+    loggers = [
+        pl.loggers.CSVLogger(root, name="logs", version=""),
+        pl.loggers.TensorBoardLogger(root, name="tb", version=""),
+    ]
     pl_trainer = pl.Trainer(
         max_steps=trainer.max_steps,
         precision=trainer.precision,
@@ -301,10 +319,19 @@ def train(
         summary["checkpoint"] = ckpt_cb.last_model_path or None
         run = {
             **summary,
-            "config": {"student": student, "teacher": teacher, "mode": mode, "data": asdict(data),
-                       "loss": asdict(loss), "optim": asdict(optim), "trainer": asdict(trainer),
-                       "inherit": asdict(inherit), "val": asdict(val), "image_size": image_size,
-                       "context_length": context_length},
+            "config": {
+                "student": student,
+                "teacher": teacher,
+                "mode": mode,
+                "data": asdict(data),
+                "loss": asdict(loss),
+                "optim": asdict(optim),
+                "trainer": asdict(trainer),
+                "inherit": asdict(inherit),
+                "val": asdict(val),
+                "image_size": image_size,
+                "context_length": context_length,
+            },
             "student_cfg": model.cfg.to_dict(),
             "data_fingerprint": spec.fingerprint(),
             "versions": _versions(),
@@ -344,8 +371,10 @@ def _teacher_as_student(name: str, weights: str | None) -> Any:
     arch = getattr(t.cfg, "arch", None)
     model_cfg = open_clip.get_model_config(arch) if arch else None
     if model is None or model_cfg is None:
-        raise ValueError(f"--inherit.source teacher: {name} is not a single open_clip teacher; pass a saved student "
-                         "directory to --inherit.source instead")
+        raise ValueError(
+            f"--inherit.source teacher: {name} is not a single open_clip teacher; pass a saved student "
+            "directory to --inherit.source instead"
+        )
     student = CLIPStudent(StudentCfg.from_open_clip(model_cfg, name=f"teacher:{name}"))
     state = model.state_dict()
     if "positional_embedding" in state:  # CLIP (non-custom-text) key layout -> CustomTextCLIP's `text.*`
@@ -365,9 +394,15 @@ def _callbacks(args: TrainerArgs, root: Path) -> tuple[list, Any]:
     import pytorch_lightning as pl
 
     every = args.checkpoint_every_n_steps or max(50, args.max_steps // 10)
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", filename="step{step:07d}",
-                                        auto_insert_metric_name=False, every_n_train_steps=every, save_last=True,
-                                        save_top_k=1, monitor=None)
+    ckpt = pl.callbacks.ModelCheckpoint(
+        dirpath=root / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every,
+        save_last=True,
+        save_top_k=1,
+        monitor=None,
+    )
     cbs: list = [ckpt, pl.callbacks.LearningRateMonitor(logging_interval="step")]
     if args.ema_decay is not None:
         from distill.callbacks import StudentEMA
@@ -393,7 +428,8 @@ def _device_label() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def steps_for(samples: int, batch_size: int) -> int:

@@ -29,16 +29,18 @@ def student_rows(pattern: str = "*") -> list[dict]:
         cfg = get_student_cfg(name)
         with torch.device("meta"):
             model = create_student(name)
-        rows.append({
-            "name": name,
-            "image_params_m": round(_count(model.visual), 2),
-            "text_params_m": round(_count(model.text), 2),
-            "image_size": cfg.image.image_size,
-            "context_length": cfg.text.context_length,
-            "embed_dim": cfg.embed_dim,
-            "image_tower": cfg.image.timm_model_name or f"vit-{cfg.image.width}x{cfg.image.layers}",
-            "text_tower": cfg.text.kind,
-        })
+        rows.append(
+            {
+                "name": name,
+                "image_params_m": round(_count(model.visual), 2),
+                "text_params_m": round(_count(model.text), 2),
+                "image_size": cfg.image.image_size,
+                "context_length": cfg.text.context_length,
+                "embed_dim": cfg.embed_dim,
+                "image_tower": cfg.image.timm_model_name or f"vit-{cfg.image.width}x{cfg.image.layers}",
+                "text_tower": cfg.text.kind,
+            }
+        )
     return rows
 
 
@@ -60,9 +62,17 @@ def teacher_rows(pattern: str = "*") -> list[dict]:
                     params = round(_count(open_clip.create_model(cfg.arch, pretrained=None)), 2)
             except Exception as err:  # noqa: BLE001 - listing must not fail on one odd entry
                 _logger.debug("cannot count %s: %s", name, err)
-        rows.append({"name": name, "source": cfg.source, "arch": cfg.arch, "params_m": params,
-                     "image_size": cfg.image_size, "members": list(cfg.members),
-                     "logit_scale": cfg.logit_scale})
+        rows.append(
+            {
+                "name": name,
+                "source": cfg.source,
+                "arch": cfg.arch,
+                "params_m": params,
+                "image_size": cfg.image_size,
+                "members": list(cfg.members),
+                "logit_scale": cfg.logit_scale,
+            }
+        )
     return rows
 
 
@@ -80,8 +90,8 @@ def captioner_rows(pattern: str = "*") -> list[dict]:
 def _format(rows: list[dict], cols: list[str]) -> str:
     cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) for row in cells]
     return "\n".join(out)
 
 
@@ -99,13 +109,28 @@ def zoo(kind: Literal["all", "students", "teachers", "captioners"] = "all", patt
     tables = []
     if kind in ("all", "students"):
         out["students"] = student_rows(pattern)
-        tables.append("STUDENTS (params in M, measured on the meta device)\n" + _format(
-            out["students"], ["name", "image_params_m", "text_params_m", "image_size", "context_length",
-                              "embed_dim", "image_tower", "text_tower"]))
+        tables.append(
+            "STUDENTS (params in M, measured on the meta device)\n"
+            + _format(
+                out["students"],
+                [
+                    "name",
+                    "image_params_m",
+                    "text_params_m",
+                    "image_size",
+                    "context_length",
+                    "embed_dim",
+                    "image_tower",
+                    "text_tower",
+                ],
+            )
+        )
     if kind in ("all", "teachers"):
         out["teachers"] = teacher_rows(pattern)
-        tables.append("TEACHERS\n" + _format(out["teachers"], ["name", "source", "arch", "params_m", "image_size",
-                                                              "logit_scale", "members"]))
+        tables.append(
+            "TEACHERS\n"
+            + _format(out["teachers"], ["name", "source", "arch", "params_m", "image_size", "logit_scale", "members"])
+        )
     if kind in ("all", "captioners"):
         out["captioners"] = captioner_rows(pattern)
         tables.append("CAPTIONERS\n" + _format(out["captioners"], ["name", "source", "arch", "image_size"]))

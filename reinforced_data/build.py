@@ -574,8 +574,7 @@ def build_data(
         raise ValueError("--out is required to build a dataset (or pass --verify DIR)")
     if teacher is None:
         raise ValueError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
-    return _build(Path(out), input, captions, split_file, teacher, captioner, build, teacher_weights,
-                  captioner_weights)
+    return _build(Path(out), input, captions, split_file, teacher, captioner, build, teacher_weights, captioner_weights)
 
 
 def _build(
@@ -607,8 +606,9 @@ def _build(
     t_weights = teachers.WeightSpec(file=str(teacher_weights)) if teacher_weights else None
     c_weights = teachers.WeightSpec(file=str(captioner_weights)) if captioner_weights else None
     ens = teachers.as_ensemble(teachers.create_teacher(teacher_name, weights=t_weights))
-    caps = [teachers.create_captioner(n.strip(), weights=c_weights)
-            for n in (captioner_names or "").split(",") if n.strip()]
+    caps = [
+        teachers.create_captioner(n.strip(), weights=c_weights) for n in (captioner_names or "").split(",") if n.strip()
+    ]
     if caps and args.num_syn == 0:
         _logger.warning("--build.num_syn is 0: the captioners are not run")
         caps = []

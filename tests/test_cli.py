@@ -53,8 +53,14 @@ def test_zoo_parameter_counts_match_published_figures():
 def test_zoo_cli_prints_every_registry(capsys):
     assert main(["zoo"]) == 0
     out = capsys.readouterr().out
-    for name in ("mobileclip_s0", "tinyclip_vit_39m_16_text_19m", "vit_l14.openai", "ensemble_l14x2",
-                 "coca_vit_l14.mscoco", "blip_base"):
+    for name in (
+        "mobileclip_s0",
+        "tinyclip_vit_39m_16_text_19m",
+        "vit_l14.openai",
+        "ensemble_l14x2",
+        "coca_vit_l14.mscoco",
+        "blip_base",
+    ):
         assert name in out
 
 

@@ -36,6 +36,7 @@ def test_import_direction(package):
     for f in files:
         imported = _imports(f)
         bad = (imported & set(PACKAGES)) - ALLOWED[package]
-        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}: {package} may import only {sorted(ALLOWED[package])}"
+        allowed = sorted(ALLOWED[package])
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}: {package} may import only {allowed}"
         bad3 = imported & FORBIDDEN_THIRD_PARTY.get(package, set())
         assert not bad3, f"{f.relative_to(ROOT)} imports {sorted(bad3)}"

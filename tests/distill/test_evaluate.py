@@ -42,8 +42,12 @@ def test_perfect_embeddings_give_full_recall():
 
 
 def test_zeroshot_classifier_is_normalised_prompt_mean():
-    table = {"a x.": torch.tensor([1.0, 0.0]), "b x.": torch.tensor([0.0, 1.0]),
-             "a y.": torch.tensor([1.0, 1.0]), "b y.": torch.tensor([1.0, -1.0])}
+    table = {
+        "a x.": torch.tensor([1.0, 0.0]),
+        "b x.": torch.tensor([0.0, 1.0]),
+        "a y.": torch.tensor([1.0, 1.0]),
+        "b y.": torch.tensor([1.0, -1.0]),
+    }
     w = zeroshot_classifier(lambda texts: torch.stack([table[t] for t in texts]), ["x", "y"], ["a {}.", "b {}."])
     assert w.shape == (2, 2)
     torch.testing.assert_close(w[:, 0], F.normalize(torch.tensor([0.5, 0.5]), dim=0))
@@ -63,8 +67,9 @@ def test_flickr_layout_with_split_file(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "images" / name)
-    (tmp_path / "captions.csv").write_text('image,caption\na.jpg,"one, with comma"\na.jpg,two\nb.jpg,three\n'
-                                           "c.jpg,four\n")
+    (tmp_path / "captions.csv").write_text(
+        'image,caption\na.jpg,"one, with comma"\na.jpg,two\nb.jpg,three\nc.jpg,four\n'
+    )
     (tmp_path / "test.txt").write_text("b.jpg\na.jpg\n")
     cs = CaptionSet(tmp_path, 16, split_file=tmp_path / "test.txt")
     assert [c["captions"] for c in (cs[0], cs[1])] == [["three"], ["one, with comma", "two"]]

@@ -40,11 +40,11 @@ def _naive_kd(img, txt, scale, t_img: dict, t_txt: dict, t_scales: dict):
             for name in t_img:
                 a, c = (t_img[name], t_txt[name]) if direction == "i2t" else (t_txt[name], t_img[name])
                 p = softmax([t_scales[name] * float(a[i] @ c[j]) for j in range(b)])
-                probs = [x + y / len(t_img) for x, y in zip(probs, p)]
+                probs = [x + y / len(t_img) for x, y in zip(probs, p, strict=False)]
             s, o = (img, txt) if direction == "i2t" else (txt, img)
             logp = [scale * float(s[i] @ o[j]) for j in range(b)]
             lse = math.log(sum(math.exp(z) for z in logp))
-            total += -sum(p * (z - lse) for p, z in zip(probs, logp))
+            total += -sum(p * (z - lse) for p, z in zip(probs, logp, strict=False))
     return total / (2 * b)
 
 
@@ -85,11 +85,23 @@ def test_losses_invariant_to_joint_batch_permutation():
     b, d = 9, 12
     img, txt, ti, tt = _feats(b, d, 0), _feats(b, d, 1), _feats(b, d, 2), _feats(b, d, 3)
     perm = torch.randperm(b)
-    loss = DistillLoss(contrastive_weight=0.3, kd_weight=0.7, fd_weight=5.0, icl_weight=1.0,
-                       teacher_logit_scales={"t": 100.0}, teacher_dims={"t": d}, student_dim=d)
+    loss = DistillLoss(
+        contrastive_weight=0.3,
+        kd_weight=0.7,
+        fd_weight=5.0,
+        icl_weight=1.0,
+        teacher_logit_scales={"t": 100.0},
+        teacher_dims={"t": d},
+        student_dim=d,
+    )
     a = loss(img, txt, torch.tensor(10.0), teacher_image_features={"t": ti}, teacher_text_features={"t": tt})
-    p = loss(img[perm], txt[perm], torch.tensor(10.0), teacher_image_features={"t": ti[perm]},
-             teacher_text_features={"t": tt[perm]})
+    p = loss(
+        img[perm],
+        txt[perm],
+        torch.tensor(10.0),
+        teacher_image_features={"t": ti[perm]},
+        teacher_text_features={"t": tt[perm]},
+    )
     assert set(a) == {"contrastive_loss", "kd_loss", "fd_loss", "icl_loss"}
     for k in a:
         assert a[k].item() == pytest.approx(p[k].item(), rel=1e-5)
@@ -133,8 +145,15 @@ def test_distill_loss_sums_real_and_synthetic_captions():
     ti, tt, ts = {"t": _feats(b, d, 3)}, {"t": _feats(b, d, 4)}, {"t": _feats(b, d, 5)}
     scale = torch.tensor(30.0)
     loss = DistillLoss(contrastive_weight=0.25, kd_weight=0.75, teacher_logit_scales={"t": 100.0})
-    out = loss(img, txt, scale, syn_text_features=syn, teacher_image_features=ti, teacher_text_features=tt,
-               teacher_syn_text_features=ts)
+    out = loss(
+        img,
+        txt,
+        scale,
+        syn_text_features=syn,
+        teacher_image_features=ti,
+        teacher_text_features=tt,
+        teacher_syn_text_features=ts,
+    )
     clip, kd = ClipLoss(), AffinityKDLoss({"t": 100.0})
     want_con = 0.25 * (clip(img, txt, scale)["contrastive_loss"] + clip(img, syn, scale)["contrastive_loss"])
     want_kd = 0.75 * (kd(img, txt, scale, ti, tt)["kd_loss"] + kd(img, syn, scale, ti, ts)["kd_loss"])

@@ -13,11 +13,27 @@ from distill.cli import main
 
 def _args(root, corpus, *extra):
     return [
-        "train", "--student", "test_tiny",
-        "--data.path", str(corpus / "train"), "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-        "--trainer.log_every_n_steps", "1",
-        "--val.zeroshot", str(corpus / "zeroshot"), "--val.retrieval", str(corpus / "val"),
+        "train",
+        "--student",
+        "test_tiny",
+        "--data.path",
+        str(corpus / "train"),
+        "--data.batch_size",
+        "16",
+        "--data.num_workers",
+        "0",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--val.zeroshot",
+        str(corpus / "zeroshot"),
+        "--val.retrieval",
+        str(corpus / "val"),
         *extra,
     ]
 
@@ -88,8 +104,18 @@ def test_resume_after_sigkill_continues_the_same_loss_trajectory(tmp_path, tiny_
     import time
 
     def cmd(root):
-        args = _args(root, tiny_corpus, "--trainer.max_steps", "8", "--trainer.checkpoint_every_n_steps", "2",
-                     "--val.zeroshot", "null", "--val.retrieval", "null")
+        args = _args(
+            root,
+            tiny_corpus,
+            "--trainer.max_steps",
+            "8",
+            "--trainer.checkpoint_every_n_steps",
+            "2",
+            "--val.zeroshot",
+            "null",
+            "--val.retrieval",
+            "null",
+        )
         return [sys.executable, "-c", "import sys; from distill.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -132,8 +158,12 @@ def test_coca_student_trains_with_caption_loss_and_serves_as_teacher_and_caption
 
     student = load_student(tmp_path / "student")
     images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    torch.testing.assert_close(teacher.encode_image(images),
-                               student.encode_image(student.normalize(images), normalize=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        teacher.encode_image(images),
+        student.encode_image(student.normalize(images), normalize=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     captioner = teachers.create_captioner(f"local-dir:{tmp_path / 'student'}")
     caps = captioner.generate(images, num_captions=2, seed=0, max_len=8)
     assert len(caps) == 2 and all(isinstance(c, str) for cs in caps for c in cs)
@@ -146,16 +176,52 @@ def test_manual_inheritance_and_auto_l0_pruning(tmp_path, tiny_corpus):
     assert main(_args(src, tiny_corpus, "--student", "tiny_vit", "--image_size", "32")) == 0
     # Manual (TinyCLIP) inheritance into a thinner, shallower student of the same family.
     man = tmp_path / "manual"
-    assert main(_args(man, tiny_corpus, "--student", "tiny_vit_s", "--image_size", "32",
-                      "--inherit.source", str(src / "student"), "--trainer.max_steps", "1")) == 0
+    assert (
+        main(
+            _args(
+                man,
+                tiny_corpus,
+                "--student",
+                "tiny_vit_s",
+                "--image_size",
+                "32",
+                "--inherit.source",
+                str(src / "student"),
+                "--trainer.max_steps",
+                "1",
+            )
+        )
+        == 0
+    )
     run = json.loads((man / "run.json").read_text())
     assert "inheritance" in run
     # Automatic inheritance: learn masks, prune at step 2, keep training the compact model, and save it.
     auto = tmp_path / "auto"
-    assert main(_args(auto, tiny_corpus, "--student", "tiny_vit", "--inherit.source", str(src / "student"),
-                      "--inherit.mode", "auto", "--inherit.target_sparsity", "0.5",
-                      "--inherit.sparsity_warmup_steps", "1", "--inherit.mask_lr", "3.0", "--trainer.max_steps", "8",
-                      "--inherit.prune_step", "6")) == 0
+    assert (
+        main(
+            _args(
+                auto,
+                tiny_corpus,
+                "--student",
+                "tiny_vit",
+                "--inherit.source",
+                str(src / "student"),
+                "--inherit.mode",
+                "auto",
+                "--inherit.target_sparsity",
+                "0.5",
+                "--inherit.sparsity_warmup_steps",
+                "1",
+                "--inherit.mask_lr",
+                "3.0",
+                "--trainer.max_steps",
+                "8",
+                "--inherit.prune_step",
+                "6",
+            )
+        )
+        == 0
+    )
     big, small = load_student(src / "student"), load_student(auto / "student")
     n_big = sum(p.numel() for p in big.parameters())
     n_small = sum(p.numel() for p in small.parameters())
@@ -167,7 +233,22 @@ def test_manual_inheritance_and_auto_l0_pruning(tmp_path, tiny_corpus):
 
 
 def test_inherit_from_the_live_open_clip_teacher(tmp_path, tiny_corpus):
-    assert main(_args(tmp_path, tiny_corpus, "--teacher", "test_tiny", "--inherit.source", "teacher",
-                      "--loss.preset", "tinyclip", "--trainer.max_steps", "1")) == 0
+    assert (
+        main(
+            _args(
+                tmp_path,
+                tiny_corpus,
+                "--teacher",
+                "test_tiny",
+                "--inherit.source",
+                "teacher",
+                "--loss.preset",
+                "tinyclip",
+                "--trainer.max_steps",
+                "1",
+            )
+        )
+        == 0
+    )
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["mode"] == "online" and "inheritance" in run
