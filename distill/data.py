@@ -36,13 +36,10 @@ __all__ = ["DataSpec", "DistillDataModule", "ResumableSampler", "collate", "defa
 
 def default_corpus(corpus_dir: str = DataArgs.corpus_dir) -> Path:
     """Generate (once) and return the embedded shapes corpus root."""
-    from reinforced_data.shapes import write_shapes_corpus
+    from reinforced_data.shapes import ensure_shapes_corpus
 
     root = Path(os.path.expanduser(corpus_dir))
-    # An existing complete corpus (corpus.json is written last) is used whatever its config, as in
-    # `reinforced_data.sources`: a smaller corpus written with `write_shapes_corpus` must not be regenerated.
-    if not (root / "corpus.json").is_file():
-        write_shapes_corpus(root)
+    ensure_shapes_corpus(root)
     return root
 
 

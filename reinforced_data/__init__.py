@@ -35,6 +35,7 @@ from reinforced_data.shapes import (
     SIZES,
     ZEROSHOT_TEMPLATES,
     CorpusCfg,
+    ensure_shapes_corpus,
     render_scene,
     shapes_classes,
     write_shapes_corpus,
@@ -81,5 +82,6 @@ __all__ = [
     "teacher_slices",
     "to_uint8_tensor",
     "verify_dataset",
+    "ensure_shapes_corpus",
     "write_shapes_corpus",
 ]

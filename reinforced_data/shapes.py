@@ -28,6 +28,7 @@ __all__ = [
     "ZEROSHOT_TEMPLATES",
     "CorpusCfg",
     "render_scene",
+    "ensure_shapes_corpus",
     "shapes_classes",
     "write_shapes_corpus",
 ]
@@ -251,6 +252,18 @@ def _write_shard(path: Path, samples: list[tuple[str, bytes, str, dict]]) -> Non
                 info.mtime = 0  # NOTE: fixed mtime keeps shards byte-identical across runs
                 tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, path)
+
+
+def ensure_shapes_corpus(root: str | os.PathLike) -> dict:
+    """The `corpus.json` of the corpus at `root`, writing the default corpus first when none is complete there.
+
+    An existing complete corpus (`corpus.json` is written last) is used as is, whatever its config, so a smaller or
+    custom corpus written with `write_shapes_corpus` stands in for the default one.
+    """
+    meta_path = Path(os.path.expanduser(str(root))) / "corpus.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    return write_shapes_corpus(meta_path.parent)
 
 
 def write_shapes_corpus(out: str | os.PathLike, cfg: CorpusCfg | None = None) -> dict:

@@ -173,16 +173,11 @@ def resolve_inputs(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     spec = None if input is None else str(input)
     if spec is None or spec in ("shapes", "shapes:train", "shapes:val"):
-        from reinforced_data.shapes import write_shapes_corpus
+        from reinforced_data.shapes import ensure_shapes_corpus
 
         split = spec.split(":", 1)[1] if spec and ":" in spec else corpus_split
         root = Path(os.path.expanduser(str(corpus_dir)))
-        # NOTE: an existing complete corpus (corpus.json is written last) is used as is, whatever its config, so a
-        # smaller or custom corpus written with write_shapes_corpus can stand in for the default one.
-        if (root / "corpus.json").is_file():
-            meta = json.loads((root / "corpus.json").read_text())
-        else:
-            meta = write_shapes_corpus(root)
+        meta = ensure_shapes_corpus(root)
         paths = [str(root / p) for p in meta["shards"][split]]
         return [InputShard(index=k, name=p, kind="tar", path=p) for k, p in enumerate(paths)]
 
