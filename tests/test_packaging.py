@@ -1,4 +1,4 @@
-"""The five packages import from this checkout (PyPI has unrelated `export`/`teachers` distributions)."""
+"""The five packages and the leaf `mcd_common` import from this checkout (PyPI has unrelated `export`/`teachers`)."""
 
 import importlib
 import importlib.metadata as md
@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("package", ["distill", "students", "teachers", "reinforced_data", "export"])
+@pytest.mark.parametrize("package", ["distill", "students", "teachers", "reinforced_data", "export", "mcd_common"])
 def test_package_comes_from_this_repo(package):
     mod = importlib.import_module(package)
     assert Path(mod.__file__).resolve().is_relative_to(ROOT), mod.__file__
@@ -18,7 +18,7 @@ def test_package_comes_from_this_repo(package):
 
 
 def test_tests_package_is_not_installed():
-    # The wheel's packages are exactly the five; `tests` is never one of them.  (md.files() is no use
+    # The wheel's packages are exactly the five plus the leaf helpers; `tests` is never one of them.  (md.files() is no use
     # here: from a checkout it reads the egg-info's SOURCES.txt, which lists the sdist, tests included.)
     from setuptools.config.setupcfg import read_configuration
 
@@ -27,7 +27,7 @@ def test_tests_package_is_not_installed():
     if not isinstance(packages, list):  # `find:` already expanded by newer setuptools
         packages = list(packages)
     top = {p.split(".")[0] for p in packages}
-    assert top == {"distill", "students", "teachers", "reinforced_data", "export"}, top
+    assert top == {"distill", "students", "teachers", "reinforced_data", "export", "mcd_common"}, top
     spec = importlib.util.find_spec("tests")
     assert spec is None or Path(spec.origin or "").resolve().is_relative_to(ROOT)
 

@@ -1,0 +1,140 @@
+"""Where weights come from (`WeightSpec`) and the one function that reads a weight file, never unpickling.
+
+Every weight read of the toolkit (students, teachers, captioners, Lightning checkpoints, `.pth.gz` shard members)
+goes through `read_weights` / `load_torch_bytes`: safetensors, or `torch.load(weights_only=True)` passed
+explicitly (which `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` cannot override), with no fallback that unpickles. A file that
+is missing, empty, truncated or holds arbitrary Python objects gives one `UsageError` line naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load_bytes
+from safetensors.torch import load_file as safetensors_load_file
+
+from mcd_common.errors import UsageError
+
+__all__ = ["WeightSpec", "load_torch_bytes", "read_state_dict_file", "read_weights"]
+
+_ZIP_MAGIC = b"PK"
+_PICKLE_MAGIC = b"\x80"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where a model's weights come from, resolved in the order `file > hf_hub > url` (timm's order).
+
+    An empty spec means "the model's own source" (a registered pretrained tag, a `local-dir:` directory, ...).
+    """
+
+    file: str | None = None
+    """Local path: a safetensors or torch state dict, a Lightning `.ckpt`, or a saved model directory."""
+    hf_hub: str | None = None
+    """Hugging Face Hub location, `org/repo/` (the repo's default file) or `org/repo/path/in/repo`."""
+    url: str | None = None
+    """HTTP(S) URL of a state-dict file."""
+
+    def __post_init__(self) -> None:
+        # Accept Path objects from callers but persist plain strings (configs are written to JSON).
+        if self.file is not None and not isinstance(self.file, str):
+            object.__setattr__(self, "file", os.fspath(self.file))
+        if self.hf_hub is not None:
+            parts = self.hf_hub.strip().split("/")
+            if len(parts) < 2 or not parts[0] or not parts[1]:
+                raise UsageError(f"hf_hub must look like 'org/repo/' or 'org/repo/filename', got {self.hf_hub!r}")
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no source is set."""
+        return not (self.file or self.hf_hub or self.url)
+
+
+def _torch_load(fileobj: io.IOBase | str, name: str) -> object:
+    try:
+        # NOTE: weights_only=True is passed explicitly: torch then ignores TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+        return torch.load(fileobj, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
+        detail = f" ({lines[0][:160]})" if lines else ""
+        raise UsageError(
+            f"{name}: refusing to load: the file holds Python objects other than tensors and plain containers"
+            f"{detail}; re-save it as a state dict (safetensors or torch.save(model.state_dict()))"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{name}: not a readable torch checkpoint ({first[:200]})") from None
+
+
+def load_torch_bytes(data: bytes, *, name: str = "<bytes>") -> object:
+    """`torch.load(weights_only=True)` of an in-memory file (e.g. a decompressed `.pth.gz` shard member)."""
+    if not data:
+        raise UsageError(f"{name}: empty")
+    return _torch_load(io.BytesIO(data), name)
+
+
+def read_weights(path: str | os.PathLike, *, what: str = "weights") -> object:
+    """Read a weight file as it is stored (a state dict, or a checkpoint dict holding one), never unpickling.
+
+    The format is detected from the content, not the suffix: a zip or pickle stream is a torch file, anything else
+    must be safetensors.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages (`"--teacher_weights"`, `"student checkpoint"`).
+
+    Raises:
+        UsageError: missing, empty, unreadable or unsafe file (one line naming it).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"{what}: no such file: {path}")
+    if path.is_dir():
+        raise UsageError(f"{what}: {path} is a directory; pass the weight file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise UsageError(f"{what}: {path} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+        return _torch_load(str(path), f"{what} {path}")
+    try:
+        return safetensors_load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UsageError(
+            f"{what}: {path} is neither a torch checkpoint nor a safetensors file ({str(err)[:200]})"
+        ) from None
+
+
+def read_state_dict_file(path: str | os.PathLike, *, what: str = "weights") -> dict[str, torch.Tensor]:
+    """`read_weights`, unwrapped to a flat `{name: tensor}` dict.
+
+    Checkpoint wrappers are unwrapped in this order: `state_dict` (Lightning, open_clip training checkpoints),
+    `model`, `module`. Non-tensor entries left after unwrapping are an error.
+    """
+    obj = read_weights(path, what=what)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise UsageError(f"{what}: {path} holds no state dict (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UsageError(f"{what}: {path} is not a state dict of tensors (non-tensor entries: {bad[:5]})")
+    return {str(k): v for k, v in obj.items()}
+
+
+def safetensors_from_bytes(data: bytes, *, name: str = "<bytes>") -> dict[str, torch.Tensor]:
+    """Load safetensors content held in memory."""
+    try:
+        return safetensors_load_bytes(data)
+    except (SafetensorError, ValueError) as err:
+        raise UsageError(f"{name}: not a readable safetensors blob ({str(err)[:200]})") from None
