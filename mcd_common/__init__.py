@@ -6,6 +6,6 @@ small, dependency-light helpers that would otherwise be written once per package
 data-specific lives here. Import from the submodules (`mcd_common.files`, `mcd_common.weights`, ...).
 """
 
-from mcd_common.errors import UsageError
+from mcd_common.errors import UnknownNameError, UsageError
 
-__all__ = ["UsageError"]
+__all__ = ["UnknownNameError", "UsageError"]
