@@ -53,6 +53,7 @@ __all__ = [
     "adapt_state_dict",
     "read_published_checkpoint",
     "accepted_formats",
+    "copy_student_weights",
 ]
 
 WeightFormat = Literal["open_clip", "apple", "tinyclip", "hf"]
@@ -188,3 +189,17 @@ def accepted_formats(cfg: StudentCfg) -> list[WeightFormat]:
     if plain_vit and plain_text and cfg.multimodal is None:
         formats += ["tinyclip", "hf"]
     return formats
+
+
+def copy_student_weights(target: CLIPStudent, source: CLIPStudent) -> None:
+    """Load `source`'s weights into `target` strictly, adopting the image-tower variant the keys cannot carry.
+
+    A student loaded from Apple's `mobileclip_b.pt` has Apple's own ViT stem and LayerNorm eps (`apple_vit`) but the
+    same keys as timm's; copying only its state dict would silently fall back to timm's definition.
+    """
+    target.load_state_dict(source.state_dict(), strict=True)
+    if source.cfg.image.apple_vit and not target.cfg.image.apple_vit:
+        if target.cfg.image.timm_model_name != APPLE_VIT_TIMM_NAME:
+            raise UsageError(f"Apple ViT-B weights do not fit student {target.cfg.name!r}")
+        target.cfg = dataclasses.replace(target.cfg, image=dataclasses.replace(target.cfg.image, apple_vit=True))
+        make_apple_vit(target.visual)

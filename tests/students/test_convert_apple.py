@@ -20,6 +20,7 @@ from mcd_common import UsageError
 from students import CLIPStudent, WeightSpec, create_student, get_student_cfg, load_student, save_student
 from students.convert_apple import APPLE_COMMIT, apple_student_cfg, convert_apple_state_dict
 from students.io import load_student_weights
+from students.published import copy_student_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "apple_mobileclip_v1_keys.json"
 MODELS = ["mobileclip_s0", "mobileclip_s0_reparameterized", "mobileclip_s1", "mobileclip_s2", "mobileclip_b"]
@@ -212,3 +213,15 @@ def test_full_size_apple_files_load_strictly(apple_shapes, tmp_path, model):
     assert student.cfg.name == model
     created = create_student(model, weights=WeightSpec(file=str(path)))
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in created.state_dict().items())
+
+
+def test_copying_an_apple_b_student_keeps_apples_vit(apple_shapes):
+    # distill train --student mobileclip_b --student_weights mobileclip_b.pt copies a loaded student's weights
+    with torch.device("meta"):
+        source = CLIPStudent(apple_student_cfg(_meta_state(apple_shapes["mobileclip_b"])))
+        target = create_student("mobileclip_b")
+        other = create_student("mobileclip2_s2")
+    copy_student_weights(target, source)
+    assert target.cfg.image.apple_vit and target.visual.trunk.patch_embed.backbone[0].conv.padding == (1, 1)
+    with pytest.raises(RuntimeError):  # a different architecture still fails the strict load
+        copy_student_weights(other, source)
