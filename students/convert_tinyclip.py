@@ -153,9 +153,15 @@ def native_vit_student_cfg(
     side = math.isqrt(grid)
     if side * side != grid:
         raise UsageError(f"visual.positional_embedding has {grid} patch positions: not a square grid")
+    text_width = int(token.shape[1])
+    if width % vision_head_width or (text_heads is None and text_width % _HEAD_DIM):
+        raise UsageError(
+            f"cannot infer the attention heads of a ViT {width} / text {text_width} wide CLIP from its weights "
+            f"(TinyCLIP's head dim {_HEAD_DIM} does not divide them): build the student by name with these weights "
+            "(create_student(NAME, weights=WeightSpec(file=...)))"
+        )
     image_layers = len(_layer_signatures(state, "visual."))
     text_sig = _layer_signatures(state, "text.")
-    text_width = int(token.shape[1])
     image = ImageTowerCfg(
         image_size=side * patch,
         width=width,

@@ -156,6 +156,7 @@ def test_reduced_s0_still_folds_to_1e5(reduced_s0_file):
         assert (folded[key] - reference[key]).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:for .*meta parameter.*:UserWarning")  # meta-device loads are shape-only
 def test_unknown_and_missing_apple_keys_are_named(apple_shapes):
     state = _meta_state(_reduced_s0(apple_shapes["mobileclip_s0"]))
     with pytest.raises(UsageError, match="text_encoder.transformer.1.extra_gate"):
@@ -167,6 +168,7 @@ def test_unknown_and_missing_apple_keys_are_named(apple_shapes):
         load_student_weights(student, state)
 
 
+@pytest.mark.filterwarnings("ignore:for .*meta parameter.*:UserWarning")  # meta-device loads are shape-only
 def test_apple_b_weights_build_apples_vit_and_open_clip_b_weights_keep_timms(apple_shapes):
     with torch.device("meta"):
         student = create_student("mobileclip_b")
@@ -215,6 +217,7 @@ def test_full_size_apple_files_load_strictly(apple_shapes, tmp_path, model):
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in created.state_dict().items())
 
 
+@pytest.mark.filterwarnings("ignore:for .*meta parameter.*:UserWarning")  # meta-device loads are shape-only
 def test_copying_an_apple_b_student_keeps_apples_vit(apple_shapes):
     # distill train --student mobileclip_b --student_weights mobileclip_b.pt copies a loaded student's weights
     with torch.device("meta"):

@@ -135,3 +135,12 @@ def test_auto_inheritance_checkpoints_are_refused_with_the_reason():
         convert_tinyclip_state_dict({**state, "_image_encoder.l0_module.z_loga": torch.empty(3, device="meta")})
     with pytest.raises(UsageError, match="ResNet"):
         convert_tinyclip_state_dict({**state, "_image_encoder.visual.layer1.0.conv1.weight": torch.empty(1)})
+
+
+def test_heads_that_cannot_be_inferred_ask_for_the_student_name(tmp_path):
+    with torch.device("meta"):
+        state = create_student("test_tiny").state_dict()  # 32 wide: TinyCLIP's head dim 64 does not divide it
+    path = tmp_path / "tiny.pt"
+    torch.save({k: torch.zeros(v.shape) for k, v in _to_tinyclip_layout(state).items()}, path)
+    with pytest.raises(UsageError, match="build the student by name"):
+        load_student(path)
