@@ -157,6 +157,7 @@ def train(
     from distill.data import DistillDataModule, resolve_data
     from distill.module import DistillModule
     from students import create_student, inherit_weights, load_student, save_student
+    from students.published import copy_student_weights
 
     t0 = time.time()
     root = Path(trainer.default_root_dir).expanduser()
@@ -185,7 +186,7 @@ def train(
         _logger.info("resuming a pruned student: %s", resumed_cfg.get("name"))
         model = CLIPStudent(StudentCfg.from_dict(resumed_cfg))
     if student_weights:
-        model.load_state_dict(load_student(Path(student_weights)).state_dict())
+        copy_student_weights(model, load_student(Path(student_weights)))  # keeps Apple's ViT-B variant
     if inherit.source and inherit.mode == "auto" and ckpt_path is None:
         # Automatic inheritance starts from the (larger) source model itself and learns what to remove;
         # --student then only names the run.

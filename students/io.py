@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from students.published import adapt_state_dict, read_published_checkpoint
 from students.towers import CLIPStudent, StudentCfg
 
 _logger = logging.getLogger(__name__)
@@ -203,8 +204,10 @@ def load_student_weights(student: CLIPStudent, state: dict[str, torch.Tensor], *
     """Load `state` into `student` strictly, with an error that lists what does not match.
 
     If the state dict holds folded (`reparam_conv`) weights and the student does not, the student is
-    re-parameterised first.
+    re-parameterised first. Published layouts (Apple MobileCLIP, TinyCLIP, Hugging Face CLIP) are converted first
+    (`students.published.adapt_state_dict`).
     """
+    state = adapt_state_dict(student, state, source=source)
     if any("reparam_conv" in k for k in state) and not student.is_reparameterized:
         student.eval().reparameterize()
     own = student.state_dict()
@@ -246,7 +249,10 @@ def load_student(path: str | os.PathLike, *, map_location: str | torch.device = 
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no saved student at {path}")
-    if path.is_dir():
+    published = read_published_checkpoint(path)  # Apple / TinyCLIP / HF files: architecture inferred from them
+    if published is not None:
+        (cfg, state), reparameterized, weights_path = published, False, path
+    elif path.is_dir():
         config_path = path / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved student / open_clip directory")

@@ -40,6 +40,8 @@ __all__ = [
     "StudentCfg",
     "CLIPStudent",
     "MCT_OPEN_CLIP_MARKER",
+    "APPLE_VIT_TIMM_NAME",
+    "make_apple_vit",
     "OPENAI_MEAN",
     "OPENAI_STD",
 ]
@@ -50,6 +52,9 @@ OPENAI_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)  # type: igno
 # NOTE: written into the open_clip `text_cfg` of MCt students. open_clip passes text_cfg to `CLIPTextCfg(**text_cfg)`,
 # so pointing open_clip at such a directory fails with "unexpected keyword argument '<this name>'", which tells the
 # user what to do instead. `StudentCfg.from_open_clip` recognises the key.
+# NOTE: the one timm architecture with an Apple-faithful variant (ImageTowerCfg.apple_vit)
+APPLE_VIT_TIMM_NAME = "vit_base_mci_224"
+
 MCT_OPEN_CLIP_MARKER = "mct_text_tower_is_not_in_open_clip_load_with_students_load_student"
 
 
@@ -95,6 +100,10 @@ class ImageTowerCfg:
     """Resize interpolation used when images are resized for this student."""
     resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
     """open_clip preprocessing resize mode."""
+    apple_vit: bool = False
+    """`vit_base_mci_224` built as Apple's ml-mobileclip builds MobileCLIP-B (first stem conv padding 1, LayerNorm
+    eps 1e-5) instead of timm's definition (padding 0, eps 1e-6); same keys. Set when Apple's `mobileclip_b.pt` is
+    loaded (`students.convert_apple`). open_clip cannot express it: `local-dir:` in open_clip gives timm's variant."""
 
     @property
     def is_timm(self) -> bool:
@@ -225,6 +234,8 @@ class StudentCfg:
             raise ValueError("image.attentional_pool needs a native ViT image tower (timm_model_name=None)")
         if self.text.embed_cls and self.text.kind != "transformer":
             raise ValueError("text.embed_cls needs the open_clip transformer text tower (kind='transformer')")
+        if self.image.apple_vit and self.image.timm_model_name != APPLE_VIT_TIMM_NAME:
+            raise ValueError(f"image.apple_vit needs timm_model_name={APPLE_VIT_TIMM_NAME!r}")
         if self.multimodal is not None:
             self._check_coca()
 
@@ -477,6 +488,20 @@ def _tokenizer(context_length: int):  # noqa: ANN202 - open_clip SimpleTokenizer
     return SimpleTokenizer(context_length=context_length)
 
 
+def make_apple_vit(visual: nn.Module) -> None:
+    """Turn an open_clip `TimmModel` around timm's `vit_base_mci_224` into Apple's MobileCLIP-B image tower, in place.
+
+    apple/ml-mobileclip (`mobileclip/models/vit.py`, commit 4144bb1f081a): the first ConvStem conv (kernel 4, stride 4)
+    pads by 1 (timm: 0; both give 56x56 at 224 px) and every LayerNorm is `LayerNormFP32` with eps 1e-5 (timm: 1e-6).
+    Parameters are untouched, so the state dict is the same.
+    """
+    trunk = visual.trunk
+    trunk.patch_embed.backbone[0].conv.padding = (1, 1)
+    for module in trunk.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = 1e-5
+
+
 def build_text_tower(cfg: StudentCfg) -> nn.Module:
     """Build the text tower of `cfg` (open_clip TextTransformer or MCt)."""
     if cfg.text.kind == "mct":
@@ -530,6 +555,8 @@ class CLIPStudent(nn.Module):
         self.cfg = cfg
         vision_cfg = cfg.open_clip_model_cfg()["vision_cfg"]
         self.visual = _build_vision_tower(cfg.embed_dim, vision_cfg, quick_gelu=cfg.quick_gelu)
+        if cfg.image.apple_vit:
+            make_apple_vit(self.visual)
         self.text = build_text_tower(cfg)
         self.logit_scale = nn.Parameter(torch.ones([]) * cfg.init_logit_scale)
         # NOTE: non-persistent: preprocessing lives in the config, so state dicts stay open_clip-identical.
