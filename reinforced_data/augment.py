@@ -19,31 +19,28 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from mcd_common.images import Interpolation, interpolation_mode
 
 __all__ = [
     "OP_NAMES",
     "AugmentCfg",
-    "ImageDecodeError",
-    "center_view",
-    "decode_image",
     "decode_param_aug",
     "op_magnitudes",
     "parse_record",
     "record_rng",
     "replay",
     "sample_record",
-    "to_uint8_tensor",
 ]
 
 OP_NAMES: tuple[str, ...] = (
@@ -63,8 +60,6 @@ OP_NAMES: tuple[str, ...] = (
     "Equalize",
 )
 """RandAugment op index table of ml-dr / DataCompDR (torchvision's `_augmentation_space` order)."""
-
-Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +103,7 @@ class AugmentCfg:
 
     def to_dr_config(self) -> dict:
         """The `reinforce.image_augmentation` block of a DataCompDR `config.json` (ml-dr transform names)."""
-        cfg: dict[str, Any] = {
+        cfg: dict[str, dict[str, object]] = {
             "random_resized_crop": {
                 "interpolation": self.interpolation,
                 "size": self.crop_size,
@@ -128,15 +123,6 @@ class AugmentCfg:
         if self.hflip:
             cfg["random_horizontal_flip"] = {"enable": True, "p": 0.5}
         return cfg
-
-
-def _interp(name: str):
-    from torchvision.transforms import InterpolationMode
-
-    try:
-        return InterpolationMode(name.lower())
-    except ValueError:
-        raise ValueError(f"unknown interpolation {name!r}; use one of {[m.value for m in InterpolationMode]}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -280,9 +266,6 @@ def parse_record(record: Sequence) -> tuple[tuple[int, int, int, int], bool, lis
 def _apply_op(img: Image.Image, name: str, magnitude: float) -> Image.Image:
     # Same semantics as torchvision.transforms.autoaugment._apply_op on PIL images, with RandAugment's defaults
     # (NEAREST, fill None), written with the public functional API.
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
     nearest = InterpolationMode.NEAREST
     if name == "ShearX":
         # NOTE: shear angle = atan(magnitude) around the top-left corner, as torchvision/AutoAugment.
@@ -323,7 +306,7 @@ def replay(
     """Re-create the view a record describes: crop box -> resize to `size` -> flip -> RandAugment ops.
 
     Args:
-        img: The original RGB image (see `decode_image`), the one the record's box refers to.
+        img: The original RGB image (see `mcd_common.images.decode_image`), the one the record's box refers to.
         record: A record from `sample_record` or a DataCompDR `paug.json`.
         size: Output side (or `(height, width)`); the box is resized to it, e.g. the student's resolution.
         interpolation: Filter of the crop resize (PIL resampling, always antialiased).
@@ -331,11 +314,9 @@ def replay(
     Returns:
         The augmented RGB view of shape `size`.
     """
-    from torchvision.transforms import functional as F
-
     (i, j, h, w), flip, ops = parse_record(record)
     out_size = [int(size), int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
-    view = F.resized_crop(img, i, j, h, w, out_size, _interp(interpolation), antialias=True)
+    view = F.resized_crop(img, i, j, h, w, out_size, interpolation_mode(interpolation), antialias=True)
     if flip:
         view = F.hflip(view)
     for op, magnitude in ops or ():
@@ -343,77 +324,7 @@ def replay(
     return view
 
 
-def center_view(img: Image.Image, size: int, interpolation: Interpolation = "bicubic") -> Image.Image:
-    """open_clip's evaluation view: resize the shorter side to `size`, then center-crop `size` x `size`."""
-    from torchvision.transforms import functional as F
-
-    view = F.resize(img, size, _interp(interpolation), antialias=True)
-    return F.center_crop(view, [size, size])
-
-
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor `[3, H, W]` (no scaling: models normalise inside, see docs/DESIGN.md)."""
-    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be used; `reason` is the skip-counter name the builder reports."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB the way the DataCompDR loader does (`PIL -> RGBA -> RGB`).
-
-    webdataset's `pilrgba` decoder followed by `.convert("RGB")` (Apple's `preprocess_dr`) drops alpha without
-    compositing; doing the same here keeps our stored crops valid for Apple's loader. CMYK, greyscale, palette and
-    16-bit images are converted; 16-bit and float greyscale are first scaled to 8 bits. EXIF orientation is
-    ignored, as in webdataset.
-
-    Args:
-        data: Encoded image bytes (JPEG, PNG, WebP, ...).
-        max_pixels: Refuse images with more pixels than this (read from the header, before decoding).
-
-    Raises:
-        ImageDecodeError: `reason` is "undecodable" (not an image, truncated, corrupt) or "too_large".
-    """
-    if not data:
-        raise ImageDecodeError("undecodable", "empty image bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF/palette warnings are noise here
-            # NOTE: lift PIL's decompression-bomb guard for this call; `max_pixels` is the explicit limit instead.
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(io.BytesIO(data))
-                if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise ImageDecodeError(
-                        "too_large", f"{img.width}x{img.height} image exceeds max_pixels={max_pixels}"
-                    )
-                img.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
-    except ImageDecodeError:
-        raise
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad bytes
-        raise ImageDecodeError("undecodable", f"cannot decode image: {exc}") from exc
-    if img.width < 1 or img.height < 1:
-        raise ImageDecodeError("undecodable", f"empty image {img.width}x{img.height}")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float greyscale: PIL's RGBA conversion clips instead of scaling, so map the range to 8 bits.
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    try:
-        return img.convert("RGBA").convert("RGB")
-    except Exception as exc:
-        raise ImageDecodeError("undecodable", f"cannot convert {img.mode} image to RGB: {exc}") from exc
-
-
-def decode_param_aug(obj: Any) -> list[list]:
+def decode_param_aug(obj: object) -> list[list]:
     """The list of records from a `paug.json` member in any of its published forms.
 
     Accepts the parsed dict (`{"param_aug": [...]}`), the bare list, raw bytes/str of either, and Hugging Face's

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
+
+from mcd_common.errors import UsageError
 
 __all__ = [
     "CONFIG_FILE",
@@ -110,30 +111,30 @@ def syn_emb_name(syn_key: str) -> str:
     return syn_key + EMB_SUFFIX
 
 
-def check_teach(teach: Mapping[str, Any]) -> list[dict]:
+def check_teach(teach: Mapping[str, object]) -> list[dict]:
     """Validate a `teach.json` object and return its teacher list.
 
     Raises:
-        ValueError: On a missing/empty teacher list, a bad dim, or a schema version newer than this code.
+        UsageError: On a missing/empty teacher list, a bad dim, or a schema version newer than this code.
     """
     version = int(teach.get("schema_version", 1))
     if version > SCHEMA_VERSION:
-        raise ValueError(
+        raise UsageError(
             f"teach.json has schema_version {version}, newer than this reader ({SCHEMA_VERSION}); upgrade the toolkit"
         )
     teachers = teach.get("teachers")
     if not isinstance(teachers, list) or not teachers:
-        raise ValueError("teach.json: 'teachers' must be a non-empty list")
+        raise UsageError("teach.json: 'teachers' must be a non-empty list")
     for t in teachers:
         if not isinstance(t, Mapping) or "name" not in t or int(t.get("dim", 0)) <= 0:
-            raise ValueError(f"teach.json: bad teacher entry {t!r} (needs 'name' and a positive 'dim')")
+            raise UsageError(f"teach.json: bad teacher entry {t!r} (needs 'name' and a positive 'dim')")
     names = [t["name"] for t in teachers]
     if len(set(names)) != len(names):
-        raise ValueError(f"teach.json: duplicate teacher names {names}")
+        raise UsageError(f"teach.json: duplicate teacher names {names}")
     return [dict(t) for t in teachers]
 
 
-def teacher_slices(teachers: Sequence[Mapping[str, Any]] | Mapping[str, int] | Sequence[int]) -> dict[str, slice]:
+def teacher_slices(teachers: Sequence[Mapping[str, object]] | Mapping[str, int] | Sequence[int]) -> dict[str, slice]:
     """Column slice of each teacher in a concatenated embedding, in slice order.
 
     Args:
@@ -157,7 +158,7 @@ def teacher_slices(teachers: Sequence[Mapping[str, Any]] | Mapping[str, int] | S
     return out
 
 
-def split_embeddings(emb: Any, slices: Mapping[str, slice]) -> dict[str, Any]:
+def split_embeddings(emb: np.ndarray, slices: Mapping[str, slice]) -> dict[str, np.ndarray]:
     """Split concatenated embeddings `[..., sum(D)]` into `{member: [..., D_k]}` views.
 
     Raises:

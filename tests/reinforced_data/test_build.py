@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from mcd_common.files import sha256_bytes
+from mcd_common.images import decode_image, to_uint8_tensor
 from reinforced_data import BuildArgs, build_data, dist_env, verify_dataset
-from reinforced_data._io import decode_npz, sha256_bytes
-from reinforced_data.augment import AugmentCfg, decode_image, decode_param_aug, replay, to_uint8_tensor
+from reinforced_data._io import decode_npz
+from reinforced_data.augment import AugmentCfg, decode_param_aug, replay
 from reinforced_data.build import _Task, _ViewDataset
 from reinforced_data.schema import teacher_slices
 from reinforced_data.sources import index_shard, resolve_inputs
@@ -74,14 +76,14 @@ def test_builder_views_are_the_replayed_views(built, corpus_spec, shard_reader):
     dataset = _ViewDataset(aug, 3, 0, (32, 48), (), None, True)
     batch = dataset[_Task(shard.index, shard.kind, shard.path, 0, 1, refs)]
     stored = shard_reader(out / "00000001.tar")
-    assert [s["uid"] for s in batch["samples"]] == [k for k, _ in stored]
+    assert [s.uid for s in batch.samples] == [k for k, _ in stored]
     for n, (_, m) in enumerate(stored):
         img = decode_image(m["jpg"])
         records = decode_param_aug(m["paug.json"])
-        assert records == batch["samples"][n]["records"]
+        assert records == batch.samples[n].records
         for size in (32, 48):
             replayed = torch.stack([to_uint8_tensor(replay(img, r, size)) for r in records])
-            assert torch.equal(batch["views"][size][3 * n : 3 * n + 3], replayed)
+            assert torch.equal(batch.views[size][3 * n : 3 * n + 3], replayed)
         for size in (20, 64):  # any other output size works from the same records
             assert replay(img, records[0], size).size == (size, size)
 
@@ -255,7 +257,8 @@ def test_verify_detects_corruption(tmp_path, built):
 
 def test_verify_checks_norms_and_shapes(tmp_path, built, shard_reader):
     """A shard rewritten with a consistent checksum but bad embeddings is still caught."""
-    from reinforced_data._io import TarShardWriter, encode_npz, sha256_file
+    from mcd_common.files import sha256_file
+    from reinforced_data._io import TarShardWriter, encode_npz
 
     out = tmp_path / "copy"
     shutil.copytree(built[0], out)
