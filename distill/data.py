@@ -29,7 +29,7 @@ from distill.evaluate import CLIP_TEMPLATES, CaptionSet, ImageFolderSet, collate
 from mcd_common.errors import UsageError
 from mcd_common.tars import TarReader
 from reinforced_data import schema
-from reinforced_data.augment import AugmentCfg
+from reinforced_data.augment import DATACOMPDR_LAYOUT, AugmentCfg, RecordLayout
 from reinforced_data.reader import ImageTextDataset, ReinforcedDataset, ReinforcedOptions, collate
 from reinforced_data.shapes import default_corpus
 from reinforced_data.sources import InputShard, index_shard, resolve_inputs
@@ -51,6 +51,8 @@ class DataSpec:
     teach: list[dict] = field(default_factory=list)
     corpus_root: Path | None = None
     schema_version: int = schema.SCHEMA_VERSION
+    record_layout: RecordLayout = DATACOMPDR_LAYOUT
+    """Layout of the stored augmentation records (from the root's `config.json`; DataCompDR's without one)."""
 
     def describe(self) -> str:
         """One line for messages: the source, its kind and its shard count."""
@@ -137,7 +139,21 @@ def resolve_data(args: DataArgs) -> DataSpec:
         )
     root = Path(shards[0].path).parent
     teach = _load_teach(root, first, args.teacher_dims)
-    return DataSpec(True, shards, source, teach=teach)
+    layout = _record_layout(root)
+    layout.check_replayable(str(root / schema.CONFIG_FILE))
+    return DataSpec(True, shards, source, teach=teach, record_layout=layout)
+
+
+def _record_layout(root: Path) -> RecordLayout:
+    """The augmentation-record layout of a reinforced dataset root (`config.json`), DataCompDR's without one."""
+    path = root / schema.CONFIG_FILE
+    if not path.is_file():
+        return DATACOMPDR_LAYOUT
+    try:
+        image_aug = json.loads(path.read_text())["reinforce"]["image_augmentation"]
+        return RecordLayout.from_config(image_aug)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: no readable reinforce.image_augmentation block ({err})") from None
 
 
 class ResumableSampler(Sampler):
@@ -207,6 +223,7 @@ class DistillDataModule(pl.LightningDataModule):
                 p_syn_swap=args.p_syn_swap,
                 trust_pickle=args.trust_pickle,
                 teacher_dims=self.spec.teacher_dims(),
+                record_layout=self.spec.record_layout,
             )
             return ReinforcedDataset(self.spec.shards, opts, self.tokenizer, self.seed)
         aug = AugmentCfg(crop_size=self.image_size, scale=(args.rrc_scale_min, 1.0)) if args.augment else None

@@ -8,10 +8,13 @@ decoding are the shared helpers of `mcd_common.tars` and `mcd_common.images` (re
 
 from mcd_common.images import ImageDecodeError, center_view, decode_image, to_uint8_tensor
 from reinforced_data.augment import (
+    DATACOMPDR_LAYOUT,
     OP_NAMES,
     AugmentCfg,
+    Record,
+    RecordLayout,
     decode_param_aug,
-    parse_record,
+    decode_record,
     record_rng,
     replay,
     sample_record,
@@ -45,6 +48,7 @@ from reinforced_data.verify import verify_dataset
 
 __all__ = [
     "COLOURS",
+    "DATACOMPDR_LAYOUT",
     "DEFAULT_CORPUS_DIR",
     "OP_NAMES",
     "SCHEMA_VERSION",
@@ -58,6 +62,8 @@ __all__ = [
     "ImageTextDataset",
     "InputShard",
     "RawSample",
+    "Record",
+    "RecordLayout",
     "ReinforcedDataError",
     "ReinforcedDataset",
     "ReinforcedOptions",
@@ -66,13 +72,13 @@ __all__ = [
     "collate",
     "decode_image",
     "decode_param_aug",
+    "decode_record",
     "default_corpus",
     "dist_env",
     "ensure_shapes_corpus",
     "image_text_sample",
     "iter_samples",
     "load_captions",
-    "parse_record",
     "rebuild_manifest",
     "record_rng",
     "reinforced_sample",

@@ -51,8 +51,6 @@ __all__ = ["BuildArgs", "build_data", "dist_env", "rebuild_manifest", "shard_nam
 
 _logger = logging.getLogger(__name__)
 
-ALT_SYN_KEY = "syn_text_alt"
-"""`syn.json` key holding a sample's other real captions (several captions per image on input)."""
 _MAX_LISTED_SKIPS = 100  # skipped uids listed per sidecar; the counts are always complete
 
 
@@ -91,7 +89,14 @@ class BuildArgs:
     """Store the original image bytes (`jpg`); false keeps only `url.txt` (as the published DataCompDR)."""
     alt_captions: bool = True
     """When an image has several real captions (flickr8k, the shapes corpus), store the others under
-    `syn.json["syn_text_alt"]` with their embeddings, so they are sampled like synthetic captions."""
+    `syn.json["alt_text"]` with their embeddings. Our trainer samples them like synthetic captions
+    (`--data.use_syn`); Apple's trainer ignores them (its default key regex `^syn_text.*$` does not match)."""
+    teacher_views: Literal["replay", "resize"] = "replay"
+    """How each teacher of a mixed-resolution ensemble sees a view. `replay`: the record is replayed at each
+    teacher's own resolution, an exact crop per teacher (the pixels a student replaying the record at that size
+    gets). `resize`: Apple's RayGen (apple/ml-mobileclip-dr `scripts/gen.py`): replayed once at `crop_size`, then
+    bicubic-resized (`F.interpolate`, no antialias) for each teacher whose size differs, chained in ensemble
+    order, for embeddings that match a dataset RayGen wrote (up to float rounding)."""
     shard_size: int = 1000
     """Images per shard when the input is an image folder (tar inputs keep their shards)."""
     max_pixels: int | None = 89_478_485
@@ -227,6 +232,7 @@ class _ViewDataset(torch.utils.data.Dataset):
         self.caption_sizes = caption_sizes
         self.max_pixels = max_pixels
         self.alt_captions = alt_captions
+        self.layout = aug.record_layout()
         self._reader = TarReader()  # one open tar per worker, reused across the batches of a shard
 
     def __len__(self) -> int:  # tasks come from the sampler; the length is unused
@@ -248,7 +254,8 @@ class _ViewDataset(torch.utils.data.Dataset):
             img = decode_image(sample.image, self.max_pixels)
             for size in self.view_sizes:
                 views[size].extend(
-                    to_uint8_tensor(replay(img, rec, size, self.aug.interpolation)) for rec in sample.records
+                    to_uint8_tensor(replay(img, rec, size, self.aug.interpolation, self.layout))
+                    for rec in sample.records
                 )
             for size in self.caption_sizes:
                 cap_views[size].append(to_uint8_tensor(center_view(img, size, "bicubic")))
@@ -357,6 +364,7 @@ def _dr_config(
             "seed": args.seed,
             "keep_images": args.keep_images,
             "alt_captions": args.alt_captions,
+            "teacher_views": args.teacher_views,
             "max_pixels": args.max_pixels,
             "input": None if input is None else str(input),
             "num_input_shards": len(shards),
@@ -462,6 +470,8 @@ class _Encoder:
 
     def images(self, views: dict[int, torch.Tensor]) -> torch.Tensor:
         """`{size: uint8 [N, 3, S, S]}` -> `[N, sum(D)]` float32, each teacher slice re-normalised in fp32."""
+        if self.args.teacher_views == "resize":
+            return self._resized_images(views[max(views)])
         outs = []
         for _, member in self.ens.items():
             px = views[member.image_size]
@@ -471,6 +481,21 @@ class _Encoder:
                 with self.autocast():
                     feats.append(member.encode_image(x).float())
             outs.append(torch.nn.functional.normalize(torch.cat(feats), dim=-1))
+        return torch.cat(outs, dim=1).cpu()
+
+    def _resized_images(self, px: torch.Tensor) -> torch.Tensor:
+        """RayGen's ensemble views: one view at the crop size, bicubic-resized from teacher to teacher."""
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.ens.names}
+        for start in range(0, px.shape[0], self.chunk):
+            x = px[start : start + self.chunk].to(self.device, non_blocking=True).float() / 255.0
+            for name, member in self.ens.items():
+                size = member.image_size
+                if x.shape[-1] != size:
+                    # NOTE: chained as RayGen does: each resize starts from the previous teacher's view.
+                    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic")
+                with self.autocast():
+                    feats[name].append(member.encode_image(x).float())
+        outs = [torch.nn.functional.normalize(torch.cat(f), dim=-1) for f in feats.values()]
         return torch.cat(outs, dim=1).cpu()
 
     def texts(self, texts: list[str]) -> torch.Tensor:
@@ -504,13 +529,19 @@ class _Encoder:
         return out
 
     def syn_docs(self, batch: _Batch) -> list[dict[str, list[str]]]:
-        """Per sample, its `syn.json` dict in key order: captioners, then the alternative real captions."""
+        """Per sample, its `syn.json` dict (captioners, then the other real captions; see `schema`).
+
+        A sample without synthetic captions gets the `syn_text_gt` placeholder (its real caption), the key Apple's
+        loader needs to read the sample.
+        """
         generated = self.captions(batch.cap_views, _batch_seed(self.args.seed, batch.task.shard, batch.task.batch))
         docs = []
         for i, s in enumerate(batch.samples):
             doc = {key: caps_i[i] for key, caps_i in zip(self.syn_keys, generated, strict=True) if caps_i[i]}
+            if not doc:
+                doc[schema.GT_PLACEHOLDER_KEY] = [s.caption]
             if s.alt:
-                doc[ALT_SYN_KEY] = s.alt
+                doc[schema.ALT_KEY] = s.alt
             docs.append(doc)
         return docs
 
@@ -521,8 +552,10 @@ class _Encoder:
         # [n * K, sum(D)] -> [n, K, sum(D)]: views are sample-major (all K views of sample 0 first)
         image_emb = self.images(batch.views).reshape(n, k, -1).numpy()
         syn_docs = self.syn_docs(batch)
-        # One text forward for every caption of the batch: real captions first, then each sample's syn lists.
-        texts = [s.caption for s in samples] + [c for doc in syn_docs for caps in doc.values() for c in caps]
+        # One text forward for every caption of the batch: real captions first, then each sample's syn lists
+        # (the placeholder reuses the real caption's row).
+        encoded = [(k, caps) for doc in syn_docs for k, caps in doc.items() if k != schema.GT_PLACEHOLDER_KEY]
+        texts = [s.caption for s in samples] + [c for _, caps in encoded for c in caps]
         text_emb = self.texts(texts).numpy()
         out = []
         offset = n
@@ -532,6 +565,9 @@ class _Encoder:
                 schema.TEXT_EMB: text_emb[i : i + 1].astype(np.float16),
             }
             for key, caps in syn_docs[i].items():
+                if key == schema.GT_PLACEHOLDER_KEY:
+                    emb[schema.syn_emb_name(key)] = emb[schema.TEXT_EMB]
+                    continue
                 emb[schema.syn_emb_name(key)] = text_emb[offset : offset + len(caps)].astype(np.float16)
                 offset += len(caps)
             out.append((s.uid, _sample_members(s, syn_docs[i], emb, self.teach_bytes, self.args.keep_images)))
@@ -571,8 +607,7 @@ def _sample_members(
         members[schema.KEY_URL] = sample.url.encode()
     members[schema.KEY_TXT] = sample.caption.encode()
     members[schema.KEY_JSON] = json.dumps(doc, ensure_ascii=False).encode()
-    if syn:
-        members[schema.KEY_SYN] = json.dumps(syn, ensure_ascii=False).encode()
+    members[schema.KEY_SYN] = json.dumps(syn, ensure_ascii=False).encode()
     members[schema.KEY_PAUG] = json.dumps({"param_aug": sample.records}).encode()
     members[schema.KEY_NPZ] = encode_npz(emb)
     members[schema.KEY_TEACH] = teach_bytes
@@ -782,6 +817,9 @@ def _load_models(
     syn_keys = [c.syn_key for c in caps]
     if len(set(syn_keys)) != len(syn_keys):
         raise UsageError(f"--captioner: captioners share a syn.json key ({syn_keys}); give them distinct tags")
+    reserved = {schema.GT_PLACEHOLDER_KEY, schema.LEGACY_ALT_KEY} & set(syn_keys)
+    if reserved:
+        raise UsageError(f"--captioner: syn.json key {sorted(reserved)} is reserved; give the captioner another tag")
     ens.to(device)
     for c in caps:
         c.to(device)
@@ -822,7 +860,10 @@ def _prepare_out(out: Path, config: dict, teach: dict) -> None:
 def _write_shards(out: Path, todo: list[InputShard], encoder: _Encoder, aug: AugmentCfg, rank: int) -> _Totals:
     """Encode and write every shard of `todo` (workers decode and replay, this process runs the models)."""
     args = encoder.args
-    view_sizes = tuple(sorted({t.image_size for t in encoder.ens.values()}))
+    if args.teacher_views == "resize":
+        view_sizes: tuple[int, ...] = (aug.crop_size,)
+    else:
+        view_sizes = tuple(sorted({t.image_size for t in encoder.ens.values()}))
     cap_sizes = tuple(sorted({c.image_size for c in encoder.captioners}))
     dataset = _ViewDataset(aug, args.num_augs, args.seed, view_sizes, cap_sizes, args.max_pixels, args.alt_captions)
     bar = _progress_bar(args.progress, rank)

@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mcd_common.errors import UsageError
@@ -34,7 +35,15 @@ from mcd_common.images import center_view, decode_image, to_uint8_tensor
 from mcd_common.tars import TarReader
 from reinforced_data import schema
 from reinforced_data._io import decode_npz, decode_pth_gz
-from reinforced_data.augment import AugmentCfg, decode_param_aug, replay, sample_record
+from reinforced_data.augment import (
+    DATACOMPDR_LAYOUT,
+    AugmentCfg,
+    RecordLayout,
+    decode_param_aug,
+    decode_record,
+    replay,
+    sample_record,
+)
 from reinforced_data.sources import InputShard, RawSample, SampleRef, check_caption, index_shard, read_sample
 
 __all__ = [
@@ -71,8 +80,13 @@ class ReinforcedOptions:
     p_syn_swap: float = 0.0
     """If > 0, instead replace the real caption by a synthetic one with this probability (Apple's
     `--dataset-reinforcement-mix-synthetic`)."""
-    syn_key_regex: str = r"^syn_text.*$"
-    """Which `syn.json` keys to sample from (Apple's `--dataset-reinforcement-syn-text-key-regex`)."""
+    syn_key_regex: str = schema.APPLE_SYN_KEY_REGEX
+    """Which `syn.json` keys to sample synthetic captions from (Apple's `--dataset-reinforcement-syn-text-key-regex`;
+    the `syn_text_gt` placeholder is never sampled: it is the real caption, the fallback anyway)."""
+    alt_captions: bool = True
+    """Also sample the image's other real captions (`alt_text`, schema 1: `syn_text_alt`) as second captions."""
+    record_layout: RecordLayout = DATACOMPDR_LAYOUT
+    """Layout of the stored augmentation records (`RecordLayout.from_config` of the dataset's `config.json`)."""
     aug_sampling: Literal["random", "sequential"] = "random"
     """`random` augmentation/caption per sample, or `sequential` (`epoch % n`, Apple's
     `--dataset-reinforcement-sample-sequential`)."""
@@ -95,6 +109,7 @@ class ReinforcedOptions:
             re.compile(self.syn_key_regex)
         except re.error as err:
             raise UsageError(f"syn_key_regex {self.syn_key_regex!r} is not a regular expression ({err})") from None
+        self.record_layout.check_replayable()
 
 
 # ---------------------------------------------------------------------------------------------- one stored sample
@@ -134,8 +149,25 @@ def _embeddings(members: Mapping[str, bytes], opts: ReinforcedOptions, where: st
 
 def _is_v1(arrays: Mapping[str, np.ndarray]) -> bool:
     # DataCompDR v1: synthetic rows follow the real caption inside text_emb, no `<syn key>_emb` arrays.
-    has_syn_arrays = any(k.startswith(schema.SYN_KEY) and k.endswith(schema.EMB_SUFFIX) for k in arrays)
+    has_syn_arrays = any(
+        k.endswith(schema.EMB_SUFFIX) and k.startswith((schema.SYN_KEY, schema.ALT_KEY)) for k in arrays
+    )
     return not has_syn_arrays and arrays[schema.TEXT_EMB].shape[0] > 1
+
+
+def _caption_keys(syn: Mapping[str, object], opts: ReinforcedOptions) -> list[str]:
+    """`syn.json` keys a second caption is drawn from, in file order (see `ReinforcedOptions`)."""
+    regex = re.compile(opts.syn_key_regex)
+    alt = (schema.ALT_KEY, schema.LEGACY_ALT_KEY)
+    keys = []
+    for k, v in syn.items():
+        if k == schema.GT_PLACEHOLDER_KEY or not (isinstance(v, list) and v):
+            continue
+        if k in alt and not opts.alt_captions:
+            continue
+        if regex.match(k) or (k in alt and opts.alt_captions):
+            keys.append(k)
+    return keys
 
 
 def _features(row: np.ndarray, slices: Mapping[str, slice]) -> dict[str, torch.Tensor]:
@@ -163,9 +195,8 @@ def _pick_syn(
     syn = json.loads(members[schema.KEY_SYN])
     if not isinstance(syn, dict):
         return None
-    regex = re.compile(opts.syn_key_regex)
     v1 = _is_v1(arrays)
-    keys = [k for k, v in syn.items() if regex.match(k) and isinstance(v, list) and v]
+    keys = _caption_keys(syn, opts)
     if v1:
         # v1 rows are [GT, syn_text...]: only the plain key has embeddings.
         keys = [k for k in keys if k == schema.SYN_KEY]
@@ -183,6 +214,32 @@ def _pick_syn(
     return str(texts[idx]), emb[idx]
 
 
+PartnerImage = Callable[[str | int], Image.Image | None]
+"""Looks up the original image of a mixing record's partner by its stored id (None when it is not available)."""
+
+
+def _view(
+    image_bytes: bytes,
+    record: list,
+    opts: ReinforcedOptions,
+    partner_image: PartnerImage | None,
+    where: str,
+) -> Image.Image:
+    rec = decode_record(record, opts.record_layout)
+    partner = None
+    if rec.needs_partner:
+        if partner_image is not None and rec.partner is not None:
+            partner = partner_image(rec.partner)
+        if partner is None:
+            kinds = [k for k in ("mixup", "cutmix") if getattr(rec, k) is not None]
+            raise ReinforcedDataError(
+                f"{where}: its augmentation record mixes ({', '.join(kinds)}) it with sample {rec.partner!r}, whose "
+                "image is not in this dataset; add the partner's shards to --data.path (the stored embedding is of "
+                "the mixed view, so the record cannot be replayed without it)"
+            )
+    return replay(decode_image(image_bytes), rec, opts.image_size, opts.interpolation, partner=partner)
+
+
 def reinforced_sample(
     members: Mapping[str, bytes],
     epoch: int,
@@ -190,6 +247,7 @@ def reinforced_sample(
     opts: ReinforcedOptions,
     tokenize: Tokenize,
     where: str = "sample",
+    partner_image: PartnerImage | None = None,
 ) -> dict:
     """Turn one stored reinforced sample into a training dict.
 
@@ -200,6 +258,8 @@ def reinforced_sample(
         opts: Reading options.
         tokenize: The student's tokenizer.
         where: Names the sample in messages.
+        partner_image: Finds the partner image of a mixup / cutmix record (`ReinforcedDataset` looks it up among
+            its samples).
 
     Returns:
         `image` uint8 `[3, S, S]`, `text` `[L]`, `caption`, `teacher_image_features` / `teacher_text_features`
@@ -207,7 +267,8 @@ def reinforced_sample(
 
     Raises:
         ReinforcedDataError: When the dataset cannot be read as asked (pickle not allowed, teacher dims unknown,
-            schema newer than this code); other errors mean a corrupt sample.
+            schema newer than this code, a mixing record whose partner is missing); other errors mean a corrupt
+            sample.
     """
     image_bytes = next((members[k] for k in schema.IMAGE_KEYS if k in members), None)
     if image_bytes is None:
@@ -217,7 +278,7 @@ def reinforced_sample(
     slices = _slices(members, opts, where)
     image_emb = arrays[schema.IMAGE_EMB]
     aug_idx = _pick(min(len(records), image_emb.shape[0]), epoch, rng, opts)
-    view = replay(decode_image(image_bytes), records[aug_idx], opts.image_size, opts.interpolation)
+    view = _view(image_bytes, records[aug_idx], opts, partner_image, where)
     caption = members[schema.KEY_TXT].decode("utf-8").strip()
     text_emb = arrays[schema.TEXT_EMB]
     out = {
@@ -335,13 +396,32 @@ class ReinforcedDataset(_ShardDataset):
     def __init__(self, shards: Sequence[InputShard], opts: ReinforcedOptions, tokenize: Tokenize, seed: int) -> None:
         super().__init__(shards, seed)
         self.opts, self.tokenize = opts, tokenize
+        self._keys: dict[str | int, int] | None = None
 
     def load(self, i: int, epoch: int) -> dict:
         shard_idx, ref = self.refs[i]
         shard = self.shards[shard_idx]
         members = self._reader.read_sample(shard.path, ref.indexed)
         rng = np.random.default_rng(_stable_int(self.seed, "sample", epoch, ref.key))
-        return reinforced_sample(members, epoch, rng, self.opts, self.tokenize, where=f"{shard.path}:{ref.key}")
+        partner = self.partner_image if self.opts.record_layout.mixing else None
+        return reinforced_sample(members, epoch, rng, self.opts, self.tokenize, f"{shard.path}:{ref.key}", partner)
+
+    def partner_image(self, partner: str | int) -> Image.Image | None:
+        """The original image of the sample a mixing record names (by key; an integer id also matches a numeric
+        key such as `000000042`), or None when the dataset does not hold it."""
+        if self._keys is None:
+            self._keys = {}
+            for n, (_, ref) in enumerate(self.refs):
+                self._keys.setdefault(ref.key, n)
+                if ref.key.isdigit():
+                    self._keys.setdefault(int(ref.key), n)
+        n = self._keys.get(partner if isinstance(partner, int) else str(partner))
+        if n is None:
+            return None
+        shard_idx, ref = self.refs[n]
+        members = self._reader.read_sample(self.shards[shard_idx].path, ref.indexed, exts=schema.IMAGE_KEYS)
+        data = next((members[k] for k in schema.IMAGE_KEYS if k in members), None)
+        return decode_image(data) if data is not None else None
 
 
 class ImageTextDataset(_ShardDataset):

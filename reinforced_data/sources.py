@@ -45,6 +45,7 @@ __all__ = [
     "index_shard",
     "iter_samples",
     "load_captions",
+    "manifest_shards",
     "read_sample",
     "resolve_inputs",
 ]
@@ -162,6 +163,41 @@ def expand_paths(spec: str) -> list[str]:
     return out
 
 
+def manifest_shards(root: str | os.PathLike) -> list[str]:
+    """The shard paths a dataset root's `manifest.jsonl` lists, in its order.
+
+    Reads our lines (`{"shard": "00000000.tar", "num_samples", ...}`) and RayGen's (`{"shard": "00000000",
+    "num_uids"}`: no `.tar` suffix, apple/ml-mobileclip-dr `scripts/gen.py`). Tars in the root that the manifest
+    does not list (a build killed before recording them) are left out, with a warning.
+
+    Raises:
+        UsageError: On a line that is not JSON or names no shard.
+    """
+    root = Path(os.path.expanduser(str(root)))
+    out: list[str] = []
+    for n, line in enumerate((root / schema.MANIFEST_FILE).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            shard = json.loads(line)["shard"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{root / schema.MANIFEST_FILE}:{n}: expected a JSON object with a 'shard' name") from None
+        path = root / str(shard)
+        if not path.is_file() and not str(shard).endswith(".tar"):
+            path = root / f"{shard}.tar"  # RayGen writes the name without the suffix
+        out.append(str(path))
+    unlisted = sorted(set(str(p) for p in root.glob("*.tar")) - set(out))
+    if unlisted:
+        _logger.warning(
+            "%d tar(s) in %s are not listed in %s and are ignored, e.g. %s",
+            len(unlisted),
+            root,
+            schema.MANIFEST_FILE,
+            unlisted[0],
+        )
+    return out
+
+
 def resolve_inputs(
     input: str | os.PathLike | None = None,
     *,
@@ -174,8 +210,9 @@ def resolve_inputs(
     """Resolve an input spec into ordered input shards.
 
     Args:
-        input: Tar paths (brace patterns, globs, `::`-joined lists, or a directory of tars), an image folder, a
-            directory with `images/` + `captions.csv|jsonl`, or None / "shapes" for the embedded corpus.
+        input: Tar paths (brace patterns, globs, `::`-joined lists, or a directory of tars: a dataset root with a
+            `manifest.jsonl` gives the shards it lists, see `manifest_shards`), an image folder, a directory with
+            `images/` + `captions.csv|jsonl`, or None / "shapes" for the embedded corpus.
         captions: Captions file for an image folder.
         split_file: Image names to keep (one per line), e.g. flickr8k `splits/train.txt`.
         shard_size: Images per virtual shard of a folder input.
@@ -199,7 +236,9 @@ def resolve_inputs(
     paths = expand_paths(spec)
     if not paths:
         raise UsageError(f"--input {spec!r} matches no file")
-    if len(paths) == 1 and os.path.isdir(paths[0]):
+    if len(paths) == 1 and os.path.isdir(paths[0]) and (Path(paths[0]) / schema.MANIFEST_FILE).is_file():
+        paths = manifest_shards(paths[0])
+    elif len(paths) == 1 and os.path.isdir(paths[0]):
         folder = Path(paths[0])
         tars = sorted(str(p) for p in folder.glob("*.tar"))
         if tars and captions is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mcd_common.files import is_temp_name, sha256_bytes, sha256_file
 from mcd_common.tars import iter_tar_samples
 from reinforced_data import schema
 from reinforced_data._io import decode_npz
-from reinforced_data.augment import decode_param_aug, parse_record
+from reinforced_data.augment import DATACOMPDR_LAYOUT, RecordLayout, decode_param_aug, decode_record
 
 __all__ = ["verify_dataset"]
 
@@ -68,7 +69,9 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
         except ValueError as exc:
             rep.add(f"{schema.TEACH_FILE}: {exc}")
     width = max((s.stop for s in slices.values()), default=None)
+    version = int((teach or {}).get("schema_version", 1))
     num_augs = config.get("num_samples") if config else None
+    layout = _layout(config, rep)
     expected_shards = (config or {}).get("build", {}).get("num_input_shards")
 
     entries = _manifest_entries(root / schema.MANIFEST_FILE, rep)
@@ -99,7 +102,9 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
                 count += 1
                 where = f"{name}:{key}"
                 _check_members(where, key, sample.members, teach_bytes_ok, rep)
-                records = _check_records(where, sample.members, num_augs, rep)
+                if version >= 2:
+                    _check_apple_reads(where, sample.members, rep)
+                records = _check_records(where, sample.members, num_augs, layout, rep)
                 _check_embeddings(where, sample.members, records, slices, width, norm_tol, rep)
                 if key in seen_uids:
                     rep.add(f"{name}:{key}: duplicate uid")
@@ -110,6 +115,17 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
             rep.add(f"{name}: {count} samples, manifest says {entry.get('num_samples')}")
         result["samples"] += count
     return _finish(result, rep)
+
+
+def _layout(config: dict | None, rep: _Report) -> RecordLayout:
+    image_aug = (config or {}).get("reinforce", {}).get("image_augmentation")
+    if not isinstance(image_aug, dict):
+        return DATACOMPDR_LAYOUT
+    try:
+        return RecordLayout.from_config(image_aug)
+    except ValueError as exc:
+        rep.add(f"{schema.CONFIG_FILE}: reinforce.image_augmentation: {exc}")
+        return DATACOMPDR_LAYOUT
 
 
 def _manifest_entries(path: Path, rep: _Report) -> list[dict]:
@@ -192,14 +208,30 @@ def _check_members(where: str, key: str, sample: dict[str, bytes], teach: dict |
             rep.add(f"{where}: teach.json is not valid JSON")
 
 
-def _check_records(where: str, sample: dict[str, bytes], num_augs: int | None, rep: _Report) -> list:
-    """The augmentation records (parsed, counted against config.json); returns them ([] when unreadable)."""
+def _check_apple_reads(where: str, sample: dict[str, bytes], rep: _Report) -> None:
+    """What Apple's v2 loader needs (`schema` docstring): a `syn.json` with a non-empty `^syn_text.*$` list."""
+    if schema.KEY_SYN not in sample:
+        rep.add(f"{where}: no syn.json (Apple's loader reads it unconditionally)")
+        return
+    try:
+        syn = json.loads(sample[schema.KEY_SYN])
+    except ValueError:
+        return  # reported with the embeddings
+    regex = re.compile(schema.APPLE_SYN_KEY_REGEX)
+    if not isinstance(syn, dict) or not any(regex.match(k) and isinstance(v, list) and v for k, v in syn.items()):
+        rep.add(f"{where}: syn.json has no non-empty {schema.APPLE_SYN_KEY_REGEX} list (Apple's loader needs one)")
+
+
+def _check_records(
+    where: str, sample: dict[str, bytes], num_augs: int | None, layout: RecordLayout, rep: _Report
+) -> list:
+    """The augmentation records (decoded by the config's layout, counted against it); [] when unreadable."""
     records: list = []
     if schema.KEY_PAUG in sample:
         try:
             records = decode_param_aug(sample[schema.KEY_PAUG])
             for rec in records:
-                parse_record(rec)
+                decode_record(rec, layout)
         except ValueError as exc:
             rep.add(f"{where}: bad paug.json ({exc})")
         if num_augs is not None and len(records) != num_augs:

@@ -14,9 +14,10 @@ from torchvision.transforms.autoaugment import _apply_op
 from reinforced_data.augment import (
     OP_NAMES,
     AugmentCfg,
+    RecordLayout,
     decode_param_aug,
+    decode_record,
     op_magnitudes,
-    parse_record,
     record_rng,
     replay,
     sample_record,
@@ -100,22 +101,25 @@ def test_replay_matches_torchvision_ops(op: int):
 
 def test_replay_sizes_and_flip():
     img = _image()
-    rec = sample_record(img.width, img.height, record_rng(0, "x", 1), AugmentCfg(crop_size=32, rand_augment=False))
+    cfg = AugmentCfg(crop_size=32, rand_augment=False)
+    rec = sample_record(img.width, img.height, record_rng(0, "x", 1), cfg)
+    crop_only = cfg.record_layout()
+    assert crop_only == RecordLayout(("random_resized_crop",))
     for size in (16, 32, (24, 40)):
-        out = replay(img, rec, size)
+        out = replay(img, rec, size, layout=crop_only)
         expected = (size, size) if isinstance(size, int) else (size[1], size[0])
         assert out.size == expected
-    flipped = replay(img, [rec[0], True], 32)
-    assert np.array_equal(np.asarray(flipped), np.asarray(replay(img, rec, 32))[:, ::-1])
+    flipped = replay(img, [rec[0], True], 32, layout=RecordLayout(("random_resized_crop", "random_horizontal_flip")))
+    assert np.array_equal(np.asarray(flipped), np.asarray(replay(img, rec, 32, layout=crop_only))[:, ::-1])
     # the same record replayed twice is bit-identical
     rec2 = sample_record(img.width, img.height, record_rng(0, "x", 2), AugmentCfg(crop_size=32))
     assert np.array_equal(np.asarray(replay(img, rec2, 48)), np.asarray(replay(img, rec2, 48)))
 
 
-def test_parse_record_rejects_garbage():
-    for bad in ([], [[1, 2, 3]], [[0, 0, 0, 5]], [[0, 0, 4, 4], [[99, 1.0]]], [[0, 0, 4, 4], "x"]):
+def test_decode_record_rejects_garbage():
+    for bad in ([], [[1, 2, 3], None], [[0, 0, 0, 5], None], [[0, 0, 4, 4], [[99, 1.0]]], [[0, 0, 4, 4], "x"]):
         with pytest.raises(ValueError):
-            parse_record(bad)
+            decode_record(bad)
 
 
 def test_decode_param_aug_forms():
