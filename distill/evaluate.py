@@ -9,22 +9,26 @@ Retrieval reports Recall@1/5/10 in both directions over an image-caption set wit
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
-import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
+import braceexpand
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from distill.args import EvalArgs
+from mcd_common.errors import UsageError
+from mcd_common.files import atomic_write_json
+from mcd_common.images import eval_view
+from mcd_common.tars import MemberRef, TarReader, index_tar
+from reinforced_data.shapes import default_corpus
+from students import CLIPStudent, create_student, load_student
+from teachers import Teacher, TeacherEnsemble, create_teacher
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # tar members holding the image, in order of preference
 # A short subset of CLIP's ImageNet prompt ensemble, used when a dataset brings no templates of its own.
 CLIP_TEMPLATES = (
     "a photo of a {}.",
@@ -97,15 +102,11 @@ def retrieval_metrics(
 
 
 def load_image(data: bytes | str | Path, image_size: int, interpolation: str = "bicubic") -> Tensor:
-    """Decode, resize the shortest side to `image_size`, centre-crop: uint8 `[3, S, S]` (open_clip eval transform)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
+    """Image bytes or a file -> uint8 `[3, S, S]`: the training decoder, then open_clip's eval view.
 
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    img = img.convert("RGB")
-    img = TF.resize(img, image_size, interpolation=InterpolationMode(interpolation), antialias=True)
-    img = TF.center_crop(img, [image_size, image_size])
-    return TF.pil_to_tensor(img)
+    Uses `mcd_common.images.eval_view`, so an RGBA, palette or 16-bit image is the same picture as in training.
+    """
+    return eval_view(data if isinstance(data, bytes) else Path(data).read_bytes(), image_size, interpolation)
 
 
 class ImageFolderSet(Dataset):
@@ -116,10 +117,10 @@ class ImageFolderSet(Dataset):
     ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"zero-shot set {root} is not a directory of class folders")
+            raise UsageError(f"zero-shot set {root} is not a directory of class folders (root/<class>/*.jpg)")
         folders = sorted(p for p in root.iterdir() if p.is_dir())
         if not folders:
-            raise ValueError(f"zero-shot set {root} has no class folders")
+            raise UsageError(f"zero-shot set {root} has no class folders (root/<class>/*.jpg)")
         self.classes = [p.name.replace("_", " ") for p in folders]
         self.items = [
             (f, c) for c, d in enumerate(folders) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS
@@ -165,21 +166,26 @@ class CaptionSet(Dataset):
         max_images: int | None = None,
     ) -> None:
         self.image_size, self.interpolation = image_size, interpolation
-        self.items: list[tuple[Any, list[str]]] = _caption_items(source, captions, split_file)
+        self.items: list[tuple[Path | MemberRef, list[str]]] = _caption_items(source, captions, split_file)
         if not self.items:
-            raise ValueError(f"retrieval set {source} holds no image with a caption")
+            raise UsageError(f"--val.retrieval {source}: holds no image with a caption")
         if max_images is not None:
             self.items = self.items[:max_images]
+        self._reader = TarReader()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         image, caps = self.items[i]
-        return {"image": load_image(image, self.image_size, self.interpolation), "captions": caps}
+        data = self._reader.read(image) if isinstance(image, MemberRef) else image.read_bytes()
+        return {"image": load_image(data, self.image_size, self.interpolation), "captions": caps}
 
 
-def _caption_items(source: str | Path, captions: str | Path | None, split_file: str | Path | None) -> list:
+_ImageItem = tuple[Path | MemberRef, list[str]]
+
+
+def _caption_items(source: str | Path, captions: str | Path | None, split_file: str | Path | None) -> list[_ImageItem]:
     src = Path(str(source)).expanduser()
     if src.is_dir() and captions is None:
         for name in ("captions.csv", "captions.jsonl"):
@@ -193,7 +199,7 @@ def _caption_items(source: str | Path, captions: str | Path | None, split_file: 
     return _tar_items(str(source))
 
 
-def _folder_items(folder: Path, captions: Path, split_file: str | Path | None) -> list:
+def _folder_items(folder: Path, captions: Path, split_file: str | Path | None) -> list[_ImageItem]:
     by_image: dict[str, list[str]] = {}
     if captions.suffix == ".jsonl":
         for line in captions.read_text(encoding="utf-8").splitlines():
@@ -211,30 +217,27 @@ def _folder_items(folder: Path, captions: Path, split_file: str | Path | None) -
     return [(folder / n, by_image[n]) for n in names if n in by_image and (folder / n).is_file()]
 
 
-def _tar_items(pattern: str) -> list:
-    import braceexpand
+def _tar_items(pattern: str) -> list[_ImageItem]:
+    """`(image member, captions)` per sample of webdataset tars (grouped by `mcd_common.tars`).
 
+    Only the small caption members are read here; images are read by offset when the item is loaded.
+    """
     paths: list[Path] = []
     for p in braceexpand.braceexpand(pattern):
         pp = Path(p).expanduser()
         paths.extend(sorted(pp.glob("*.tar")) if pp.is_dir() else [pp])
-    items = []
-    for path in paths:
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key in sorted(samples):
-            s = samples[key]
-            image = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
-            caps = json.loads(s["json"]).get("captions") if "json" in s else None
-            if not caps and "txt" in s:
-                caps = [s["txt"].decode("utf-8", errors="replace")]
-            if image is not None and caps:
-                items.append((image, list(caps)))
+    items: list[_ImageItem] = []
+    with TarReader() as reader:
+        for path in paths:
+            for sample in index_tar(path):
+                where = {ext: (offset, size) for ext, offset, size in sample.members}
+                image = next((where[k] for k in _TAR_IMAGE_KEYS if k in where), None)
+                texts = reader.read_sample(path, sample, exts=("json", "txt"))
+                caps = json.loads(texts["json"]).get("captions") if "json" in texts else None
+                if not caps and "txt" in texts:
+                    caps = [texts["txt"].decode("utf-8", errors="replace")]
+                if image is not None and caps:
+                    items.append((MemberRef(str(path), *image), list(caps)))
     return items
 
 
@@ -251,12 +254,12 @@ def collate_captions(batch: list[dict], tokenize: Callable[[list[str]], Tensor] 
 class _Encoder:
     """Uniform `encode_images(uint8)` / `encode_texts(list[str])` over students, teachers and ensembles."""
 
-    def __init__(self, model: Any, kind: str, device: torch.device) -> None:
+    def __init__(self, model: CLIPStudent | Teacher | TeacherEnsemble, kind: str, device: torch.device) -> None:
         self.model, self.kind, self.device = model.to(device).eval(), kind, device
         if kind == "student":
             self.image_size, self.interpolation = model.image_size, model.interpolation
         else:
-            members = list(model.values()) if hasattr(model, "values") else [model]
+            members = list(model.values()) if isinstance(model, TeacherEnsemble) else [model]
             self.image_size = max(m.image_size for m in members)
             self.interpolation = getattr(members[0].cfg, "interpolation", "bicubic")
 
@@ -335,27 +338,21 @@ def evaluate(
         The metrics dict (also written to `out`).
     """
     if (student is None) == (teacher is None):
-        raise ValueError("pass exactly one of --student or --teacher")
+        raise UsageError("pass exactly one of --student or --teacher")
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     if student is not None:
-        from students import create_student, load_student
-
         path = Path(student.removeprefix("local-dir:")).expanduser()
         model = load_student(path) if path.exists() else create_student(student)
         enc, name = _Encoder(model, "student", dev), student
     else:
-        from teachers import create_teacher
-
         enc, name = _Encoder(create_teacher(teacher), "teacher", dev), teacher
     zs, ret = data.zeroshot, data.retrieval
     if zs is None and ret is None:
-        from distill.data import default_corpus
-
         root = default_corpus()
         zs, ret = str(root / "zeroshot"), str(root / "val")
-    results: dict[str, Any] = {
+    results: dict[str, object] = {
         "model": name,
         "kind": "student" if student else "teacher",
         "image_size": enc.image_size,
@@ -373,7 +370,7 @@ def evaluate(
         results.update(run_retrieval(enc, ds, data.batch_size, num_workers))
         results["retrieval_set"] = str(ret)
     if out is not None:
-        _write_json(Path(out), results)
+        atomic_write_json(Path(out), results)
     return results
 
 
@@ -395,12 +392,3 @@ def format_results(res: dict) -> str:
         rows.append(("retrieval set", f"{res['retrieval_images']} images, {res['retrieval_captions']} captions"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)

@@ -4,7 +4,8 @@
 (`export.prepare`), exports every requested format, checks each artifact against PyTorch on fixed inputs, and
 writes ``manifest.json``, the CLIP tokenizer files and (optionally) class embeddings next to the models.
 
-Calibration data for int8 is read with PIL and plain loops (a folder of images, or webdataset ``.tar`` shards).
+Calibration data for int8 (a folder of images, or webdataset ``.tar`` shards) is read with ``mcd_common.tars`` and
+viewed with ``mcd_common.images.eval_view``, the evaluation view of training and ``distill eval``.
 
 References: litgpt ``args.py`` (dataclass args with attribute docstrings, flag-named validation);
 apple/ml-mobileclip (CoreML packages + iOS app); ExecuTorch XNNPACK delegate.
@@ -12,13 +13,10 @@ apple/ml-mobileclip (CoreML packages + iOS app); ExecuTorch XNNPACK delegate.
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
 import random
-import tarfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +25,9 @@ import torch
 
 from export import bundle
 from export._report import ExportReport, sha256_path
+from mcd_common.errors import UsageError
+from mcd_common.images import eval_view
+from mcd_common.tars import MemberRef, TarReader, index_tar
 
 _logger = logging.getLogger(__name__)
 
@@ -108,37 +109,33 @@ class ExportArgs:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Calibration data (PIL + plain loops; reinforced_data is not importable from here)
+# Calibration data (mcd_common's tar grouping and image view; reinforced_data is not importable from here)
 
 
-def _image_sources(path: Path) -> list[tuple[str, Callable[[], bytes]]]:
-    """``(name, read)`` for every image file under ``path`` and every image member of its ``.tar`` shards."""
+def _image_sources(path: Path) -> list[tuple[str, Path | MemberRef]]:
+    """``(name, where)`` for every image file under ``path`` and every image member of its ``.tar`` shards."""
     path = Path(path)
     if path.is_file():
         files, tars = [], [path]
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
         tars = sorted(path.rglob("*.tar"))
-    out: list[tuple[str, Callable[[], bytes]]] = [(str(f), f.read_bytes) for f in files]
+    out: list[tuple[str, Path | MemberRef]] = [(str(f), f) for f in files]
     for t in tars:
-        with tarfile.open(t) as tf:
-            names = [m.name for m in tf if m.isfile() and Path(m.name).suffix.lower() in _IMAGE_EXTS]
-        out += [(f"{t}:{n}", functools.partial(_read_member, t, n)) for n in names]
+        # Samples grouped by mcd_common.tars (headers only); images are read by offset once sampled.
+        for sample in index_tar(t):
+            for ext, offset, size in sample.members:
+                if "." + ext.rsplit(".", 1)[-1] in _IMAGE_EXTS:
+                    out.append((f"{t}:{sample.key}.{ext}", MemberRef(str(t), offset, size)))
     return out
-
-
-def _read_member(tar: Path, name: str) -> bytes:
-    with tarfile.open(tar) as tf:
-        fh = tf.extractfile(name)
-        if fh is None:
-            raise ValueError(f"{tar}:{name} is not a regular file")
-        return fh.read()
 
 
 def load_calibration_images(
     path: Path, image_size: int, count: int = 64, seed: int = 0, interpolation: str = "bilinear"
 ) -> list[torch.Tensor]:
-    """Read a seeded sample of images as `[1, 3, S, S]` float tensors in [0, 1] (shortest-side resize + crop).
+    """Read a seeded sample of images as `[1, 3, S, S]` float tensors in [0, 1] (the evaluation view).
+
+    Images are decoded and viewed by `mcd_common.images.eval_view`, exactly as training and evaluation see them.
 
     Args:
         path: A folder of images (searched recursively), a folder of webdataset ``.tar`` shards, or one ``.tar``.
@@ -147,24 +144,15 @@ def load_calibration_images(
         seed: Sampling seed.
         interpolation: ``bilinear`` or ``bicubic`` (the student's resize interpolation).
     """
-    from PIL import Image
-
     items = _image_sources(path)  # names only: files are read for the sampled images alone
     if not items:
-        raise ValueError(f"--args.calibration_data: no images ({', '.join(_IMAGE_EXTS)}) found in {path}")
+        raise UsageError(f"--args.calibration_data: no images ({', '.join(_IMAGE_EXTS)}) found in {path}")
     random.Random(seed).shuffle(items)
-    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
     out = []
-    for _, read in items[:count]:
-        img = Image.open(io.BytesIO(read())).convert("RGB")
-        w, h = img.size
-        scale = image_size / min(w, h)
-        img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), resample)
-        w, h = img.size
-        left, top = (w - image_size) // 2, (h - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(image_size, image_size, 3)
-        out.append(x.permute(2, 0, 1).unsqueeze(0).float() / 255.0)
+    with TarReader() as reader:
+        for _, where in items[:count]:
+            data = reader.read(where) if isinstance(where, MemberRef) else where.read_bytes()
+            out.append(eval_view(data, image_size, interpolation).unsqueeze(0).float() / 255.0)
     return out
 
 

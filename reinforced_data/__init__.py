@@ -1,40 +1,43 @@
 """Reinforced datasets: the embedded shapes corpus, input sources, DataCompDR augmentation records, `build-data`,
-the training-side readers and `--verify`.
+the training-side samples and `--verify`.
 
 The shard layout is a superset of Apple's DataCompDR (MobileCLIP, Vasu et al. CVPR'24; apple/ml-mobileclip,
-apple/ml-mobileclip-dr), see `schema.py`. Contracts: docs/DESIGN.md "reinforced_data". webdataset and `teachers`
-are imported lazily, inside the functions that need them.
+apple/ml-mobileclip-dr), see `schema.py`. Contracts: docs/DESIGN.md "reinforced_data". Tar grouping and image
+decoding are the shared helpers of `mcd_common.tars` and `mcd_common.images` (re-exported here where public).
 """
 
+from mcd_common.images import ImageDecodeError, center_view, decode_image, to_uint8_tensor
 from reinforced_data.augment import (
+    DATACOMPDR_LAYOUT,
     OP_NAMES,
     AugmentCfg,
-    ImageDecodeError,
-    center_view,
-    decode_image,
+    Record,
+    RecordLayout,
     decode_param_aug,
-    parse_record,
+    decode_record,
     record_rng,
     replay,
     sample_record,
-    to_uint8_tensor,
 )
 from reinforced_data.build import BuildArgs, build_data, dist_env, rebuild_manifest, shard_name
 from reinforced_data.reader import (
+    ImageTextDataset,
     ReinforcedDataError,
+    ReinforcedDataset,
+    ReinforcedOptions,
     collate,
-    dataset_info,
-    image_text_pipeline,
-    reinforced_pipeline,
-    shard_urls,
+    image_text_sample,
+    reinforced_sample,
 )
 from reinforced_data.schema import SCHEMA_VERSION, split_embeddings, teacher_slices
 from reinforced_data.shapes import (
     COLOURS,
+    DEFAULT_CORPUS_DIR,
     SHAPES,
     SIZES,
     ZEROSHOT_TEMPLATES,
     CorpusCfg,
+    default_corpus,
     ensure_shapes_corpus,
     render_scene,
     shapes_classes,
@@ -45,6 +48,8 @@ from reinforced_data.verify import verify_dataset
 
 __all__ = [
     "COLOURS",
+    "DATACOMPDR_LAYOUT",
+    "DEFAULT_CORPUS_DIR",
     "OP_NAMES",
     "SCHEMA_VERSION",
     "SHAPES",
@@ -54,34 +59,38 @@ __all__ = [
     "BuildArgs",
     "CorpusCfg",
     "ImageDecodeError",
+    "ImageTextDataset",
     "InputShard",
     "RawSample",
+    "Record",
+    "RecordLayout",
     "ReinforcedDataError",
+    "ReinforcedDataset",
+    "ReinforcedOptions",
     "build_data",
     "center_view",
     "collate",
-    "dataset_info",
     "decode_image",
     "decode_param_aug",
+    "decode_record",
+    "default_corpus",
     "dist_env",
-    "image_text_pipeline",
+    "ensure_shapes_corpus",
+    "image_text_sample",
     "iter_samples",
     "load_captions",
-    "parse_record",
     "rebuild_manifest",
     "record_rng",
-    "reinforced_pipeline",
+    "reinforced_sample",
     "render_scene",
     "replay",
     "resolve_inputs",
     "sample_record",
     "shapes_classes",
     "shard_name",
-    "shard_urls",
     "split_embeddings",
     "teacher_slices",
     "to_uint8_tensor",
     "verify_dataset",
-    "ensure_shapes_corpus",
     "write_shapes_corpus",
 ]

@@ -1,65 +1,27 @@
-"""Byte-level helpers: deterministic tar and npz writing, atomic files, checksums, safe embedding loading.
+"""Shard bytes: the deterministic tar writer and the embedding members (`npz`, DataCompDR's `pth.gz`).
 
 Shards are written with fixed tar headers (mtime 0, uid 0, no user names) and npz members with a fixed zip
 timestamp, so rebuilding a shard from the same inputs gives the same bytes and resumed builds can be compared with
-uninterrupted ones by checksum.
+uninterrupted ones by checksum. Generic file helpers (atomic writes, checksums) live in `mcd_common.files`.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
-import json
 import os
 import tarfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = [
-    "TarShardWriter",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "decode_npz",
-    "decode_pth_gz",
-    "encode_npz",
-    "sha256_bytes",
-    "sha256_file",
-]
+from mcd_common.files import fsync_dir, temp_path
+from mcd_common.weights import load_torch_bytes
 
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of `data`."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `<path>.tmp-<pid>` in the same directory, fsync, then `os.replace` it onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    """`atomic_write_bytes` of `obj` as UTF-8 JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+__all__ = ["TarShardWriter", "decode_npz", "decode_pth_gz", "encode_npz"]
 
 
 def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -86,18 +48,16 @@ def decode_npz(data: bytes) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-def decode_pth_gz(data: bytes) -> dict[str, np.ndarray]:
+def decode_pth_gz(data: bytes, name: str = "pth.gz") -> dict[str, np.ndarray]:
     """Load a DataCompDR `pth.gz` member (gzip'd `torch.save` dict of bf16 tensors) as float32 arrays.
 
-    `torch.load(weights_only=True)` only rebuilds tensors and plain containers, but it is still pickle: callers gate
-    this behind an explicit `trust_pickle` option.
+    Read with `mcd_common.weights.load_torch_bytes` (`weights_only=True`: tensors and plain containers only). It
+    is still pickle underneath, so callers gate this behind an explicit `trust_pickle` option.
     """
-    import torch
-
     with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as f:
-        obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        obj = load_torch_bytes(f.read(), name=name)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"pth.gz must hold a dict of tensors, got {type(obj).__name__}")
+        raise ValueError(f"{name} must hold a dict of tensors, got {type(obj).__name__}")
     out = {}
     for k, v in obj.items():
         t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
@@ -106,7 +66,7 @@ def decode_pth_gz(data: bytes) -> dict[str, np.ndarray]:
 
 
 class TarShardWriter:
-    """Stream samples into `<path>.tmp-<pid>`; `close()` fsyncs and renames it to `path` (atomic shard).
+    """Stream samples into a temp file next to `path`; `close()` fsyncs and renames it to `path` (atomic shard).
 
     Args:
         path: Final shard path.
@@ -114,8 +74,8 @@ class TarShardWriter:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._file = open(self.tmp, "wb")
+        self.tmp = temp_path(self.path)
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed by close() / abort()
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
 
@@ -139,6 +99,7 @@ class TarShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Drop the partial shard."""

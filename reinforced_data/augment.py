@@ -1,49 +1,70 @@
-"""DataCompDR-compatible augmentation records: sample them, store them as JSON, replay them at any resolution.
+"""DataCompDR-compatible augmentation records: sample them, store them as JSON, decode them, replay them.
 
 A record describes one augmented view of an image without storing its pixels (dataset reinforcement, Faghri et al.,
-ICCV'23, apple/ml-dr; reused by MobileCLIP's DataCompDR, apple/ml-mobileclip `training/dr/transforms.py`)::
+ICCV'23, apple/ml-dr; reused by MobileCLIP's DataCompDR)::
 
     [[i, j, h, w], [[op, magnitude], [op, magnitude]] | null]          (the DataCompDR default)
-    [[i, j, h, w], flip, [[op, magnitude], [op, magnitude]] | null]    (with --build.hflip)
+    [[i, j, h, w], flip, [[op, magnitude], [op, magnitude]] | null]    (what we write with --build.hflip)
 
-`[i, j, h, w]` is the RandomResizedCrop box (top, left, height, width) in original-image pixels; `op` indexes
-`OP_NAMES` (the ml-dr table) and `magnitude` is torchvision's RandAugment magnitude with its sign, translations in
-absolute pixels for the crop size the record was sampled for (DataCompDR replays those pixels unchanged at other
-sizes). Entries appear in ml-dr's fixed composition order: random_resized_crop, random_horizontal_flip,
-rand_augment. `replay` reproduces torchvision's RandAugment on PIL images (NEAREST for geometric ops, no fill)
-through public `torchvision.transforms.functional` ops, so a view replayed at the teacher's size is bit-identical
-to the one the teacher embedded, and the student can replay the same box at its own size.
+The format, as Apple's code defines it (apple/ml-mobileclip 4144bb1f081a, `training/dr/transforms.py`,
+`Compose.compress` / `Compose.decompress`, `TRANSFORMATION_TO_NAME`, `NO_PARAM_TRANSFORMS`):
+
+- the transforms are those of the dataset's `config.json` `reinforce.image_augmentation` (an entry whose
+  `"enable"` is false is dropped), always composed in the fixed order uint8, resize, center_crop, random_crop,
+  random_resized_crop, random_horizontal_flip, rand_augment, to_tensor, random_erase, normalize, mixup, cutmix;
+- a record holds one entry per transform with random parameters (all but uint8, center_crop, to_tensor,
+  normalize), in that order, decoded **by position**; a `null` entry means that transform was skipped when the
+  record was drawn (not reapplied);
+- entries: random_resized_crop `[i, j, h, w]` (top, left, height, width in original pixels);
+  random_horizontal_flip a bool; rand_augment `[[op index, magnitude] x num_ops]` (`OP_NAMES`, torchvision's
+  signed magnitudes, translations in absolute pixels of the crop size the record was drawn for, replayed
+  unchanged at other sizes); random_erase `[x, y, h, w]`, rows `x:x+h` and columns `y:y+w` of the float view set
+  to 0 (skipped when `x == -1`); resize its size; random_crop `[top, left]`; mixup its `lam`; cutmix
+  `[lam, x1, y1, x2, y2]` (rows `x1:x2`, columns `y1:y2` pasted from the partner view);
+- when mixup or cutmix is configured, a record starts with the partner image's id (or null when neither mixed);
+  with a partner every other entry is a pair `[this image's params, the partner's params]`; mixup gives
+  `lam * view + (1 - lam) * partner view`, then cutmix pastes its box from the partner view.
+
+`replay` reproduces torchvision's RandAugment on PIL images (NEAREST for geometric ops, no fill) through public
+`torchvision.transforms.functional` ops, so a view replayed at the teacher's size is bit-identical to the one the
+teacher embedded, and the student can replay the same box at its own size. Resize and random_crop records are
+refused (`RecordLayout.check_replayable`); a mixing record needs its partner's image. Our loader hands out uint8
+pixels, so a mixup view is rounded to uint8 (Apple mixes normalised floats: within half a grey level).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import math
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from mcd_common.errors import UsageError
+from mcd_common.images import Interpolation, interpolation_mode
 
 __all__ = [
+    "DATACOMPDR_LAYOUT",
     "OP_NAMES",
+    "RECORD_FIELDS",
     "AugmentCfg",
-    "ImageDecodeError",
-    "center_view",
-    "decode_image",
+    "Record",
+    "RecordLayout",
+    "ViewParams",
     "decode_param_aug",
+    "decode_record",
     "op_magnitudes",
-    "parse_record",
     "record_rng",
     "replay",
+    "replay_view",
     "sample_record",
-    "to_uint8_tensor",
 ]
 
 OP_NAMES: tuple[str, ...] = (
@@ -64,7 +85,92 @@ OP_NAMES: tuple[str, ...] = (
 )
 """RandAugment op index table of ml-dr / DataCompDR (torchvision's `_augmentation_space` order)."""
 
-Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+RECORD_FIELDS: tuple[str, ...] = (
+    "resize",
+    "random_crop",
+    "random_resized_crop",
+    "random_horizontal_flip",
+    "rand_augment",
+    "random_erase",
+    "mixup",
+    "cutmix",
+)
+"""Transforms that store a record entry, in Apple's composition order (see the module docstring)."""
+_MIXING = ("mixup", "cutmix")
+_NOT_REPLAYED = ("resize", "random_crop")
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Which entries a dataset's records hold, in order: the random-parameter transforms of its config."""
+
+    fields: tuple[str, ...] = ("random_resized_crop", "rand_augment")
+    """Transform names, a subsequence of `RECORD_FIELDS` (default: DataCompDR's published config)."""
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.fields if f not in RECORD_FIELDS]
+        order = [f for f in RECORD_FIELDS if f in self.fields]
+        if unknown or order != list(self.fields):
+            raise ValueError(f"record fields must be a subsequence of {RECORD_FIELDS}, got {self.fields}")
+
+    @property
+    def mixing(self) -> bool:
+        """Mixup or cutmix is configured: every record starts with a partner id (or null)."""
+        return any(f in _MIXING for f in self.fields)
+
+    @classmethod
+    def from_config(cls, image_augmentation: Mapping[str, object]) -> RecordLayout:
+        """The layout of a `config.json` `reinforce.image_augmentation` block (Apple's `clean_config` rule)."""
+        enabled = set()
+        for name, cfg in image_augmentation.items():
+            if not (isinstance(cfg, Mapping) and not cfg.get("enable", True)):
+                enabled.add(name)
+        return cls(tuple(f for f in RECORD_FIELDS if f in enabled))
+
+    def check_replayable(self, where: str = "config.json") -> None:
+        """Raise `UsageError` when records of this layout cannot be replayed here."""
+        unsupported = [f for f in self.fields if f in _NOT_REPLAYED]
+        if unsupported or "random_resized_crop" not in self.fields:
+            raise UsageError(
+                f"{where}: augmentation records with {unsupported or ['no random_resized_crop']} cannot be replayed "
+                "(supported: random_resized_crop, random_horizontal_flip, rand_augment, random_erase, mixup, cutmix)"
+            )
+
+
+DATACOMPDR_LAYOUT = RecordLayout()
+"""Records of DataCompDR's published config (random_resized_crop + rand_augment), also our default."""
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The parameters of one image's view in a record."""
+
+    box: tuple[int, int, int, int]
+    """RandomResizedCrop `(i, j, h, w)` in original-image pixels."""
+    flip: bool = False
+    ops: tuple[tuple[int, float], ...] = ()
+    """RandAugment `(op index, magnitude)` pairs (empty: skipped or not configured)."""
+    erase: tuple[int, int, int, int] | None = None
+    """RandomErasing `(x, y, h, w)`: rows `x:x+h`, columns `y:y+w` set to 0."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded record: this image's view and, for mixing records, the partner and how to mix."""
+
+    view: ViewParams
+    partner: str | int | None = None
+    """Id of the second image (mixup/cutmix records), as stored."""
+    partner_view: ViewParams | None = None
+    mixup: float | None = None
+    """MixUp `lam`: `lam * view + (1 - lam) * partner view`."""
+    cutmix: tuple[float, tuple[int, int, int, int]] | None = None
+    """CutMix `(lam, (x1, y1, x2, y2))`: rows `x1:x2`, columns `y1:y2` taken from the partner view."""
+
+    @property
+    def needs_partner(self) -> bool:
+        """The view mixes in the partner's pixels."""
+        return self.mixup is not None or self.cutmix is not None
 
 
 @dataclass(frozen=True)
@@ -106,9 +212,13 @@ class AugmentCfg:
         if self.num_ops < 0:
             raise ValueError(f"num_ops must be >= 0, got {self.num_ops}")
 
+    def record_layout(self) -> RecordLayout:
+        """The layout of the records `sample_record` draws for this config (that of `to_dr_config()`)."""
+        return RecordLayout.from_config(self.to_dr_config())
+
     def to_dr_config(self) -> dict:
         """The `reinforce.image_augmentation` block of a DataCompDR `config.json` (ml-dr transform names)."""
-        cfg: dict[str, Any] = {
+        cfg: dict[str, dict[str, object]] = {
             "random_resized_crop": {
                 "interpolation": self.interpolation,
                 "size": self.crop_size,
@@ -128,15 +238,6 @@ class AugmentCfg:
         if self.hflip:
             cfg["random_horizontal_flip"] = {"enable": True, "p": 0.5}
         return cfg
-
-
-def _interp(name: str):
-    from torchvision.transforms import InterpolationMode
-
-    try:
-        return InterpolationMode(name.lower())
-    except ValueError:
-        raise ValueError(f"unknown interpolation {name!r}; use one of {[m.value for m in InterpolationMode]}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,44 +346,90 @@ def sample_record(width: int, height: int, rng: np.random.Generator, cfg: Augmen
     return record
 
 
-def parse_record(record: Sequence) -> tuple[tuple[int, int, int, int], bool, list[tuple[int, float]] | None]:
-    """Split a record into `(box, flip, ops)`; accepts every form `sample_record` writes.
+def _ints(value: object, n: int, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"{what} must be a list of {n} numbers, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _view_params(entries: Mapping[str, object]) -> ViewParams:
+    box = entries.get("random_resized_crop")
+    if box is None:
+        raise ValueError("augmentation record has no random_resized_crop box")
+    i, j, h, w = _ints(box, 4, "random_resized_crop")
+    if h < 1 or w < 1:
+        raise ValueError(f"empty crop box {box!r}")
+    ops = []
+    for op in entries.get("rand_augment") or ():
+        if not isinstance(op, (list, tuple)) or len(op) != 2 or not 0 <= int(op[0]) < len(OP_NAMES):
+            raise ValueError(f"bad RandAugment op {op!r}")
+        ops.append((int(op[0]), float(op[1])))
+    flip = entries.get("random_horizontal_flip", False)
+    if not isinstance(flip, bool):
+        raise ValueError(f"random_horizontal_flip entry must be a bool, got {flip!r}")
+    erase = entries.get("random_erase")
+    erase = _ints(erase, 4, "random_erase") if erase is not None else None
+    return ViewParams((i, j, h, w), flip, tuple(ops), erase)  # type: ignore[arg-type]
+
+
+def _mix_entries(mix: Mapping[str, object]) -> tuple[float | None, tuple[float, tuple[int, int, int, int]] | None]:
+    mixup = float(mix["mixup"]) if mix.get("mixup") is not None else None  # type: ignore[arg-type]
+    cutmix = None
+    if mix.get("cutmix") is not None:
+        p = mix["cutmix"]
+        if not isinstance(p, (list, tuple)) or len(p) != 5:
+            raise ValueError(f"cutmix entry must be [lam, x1, y1, x2, y2], got {p!r}")
+        cutmix = (float(p[0]), _ints(p[1:], 4, "cutmix box"))
+    return mixup, cutmix  # type: ignore[return-value]
+
+
+def decode_record(record: object, layout: RecordLayout = DATACOMPDR_LAYOUT) -> Record:
+    """Decode a record by position, as Apple's `Compose.decompress` does (see the module docstring).
+
+    Args:
+        record: One entry of `paug.json["param_aug"]`.
+        layout: The dataset's layout (`RecordLayout.from_config` of its `config.json`).
 
     Raises:
-        ValueError: On a malformed record.
+        ValueError: On a record that does not fit the layout or holds malformed entries.
     """
     if not isinstance(record, (list, tuple)) or not record:
         raise ValueError(f"augmentation record must be a non-empty list, got {record!r}")
-    box = record[0]
-    if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise ValueError(f"augmentation record must start with a crop box [i, j, h, w], got {box!r}")
-    flip = False
-    ops = None
-    for entry in record[1:]:
-        if isinstance(entry, bool):
-            flip = entry
-        elif entry is None:
-            ops = None
-        elif isinstance(entry, (list, tuple)):
-            ops = []
-            for op in entry:
-                if not isinstance(op, (list, tuple)) or len(op) != 2 or not 0 <= int(op[0]) < len(OP_NAMES):
-                    raise ValueError(f"bad RandAugment op {op!r} in record {record!r}")
-                ops.append((int(op[0]), float(op[1])))
+    entries = list(record)
+    partner = None
+    if layout.mixing:
+        partner, entries = entries[0], entries[1:]
+        if partner is not None and not isinstance(partner, (str, int)):
+            raise ValueError(f"mixing record must start with the partner's id (or null), got {partner!r}")
+    if len(entries) != len(layout.fields):
+        raise ValueError(
+            f"augmentation record {record!r} has {len(entries)} entries where the dataset's config.json "
+            f"(reinforce.image_augmentation) defines {len(layout.fields)}: {list(layout.fields)}"
+        )
+    own: dict[str, object] = {}
+    other: dict[str, object] = {}
+    mix: dict[str, object] = {}
+    for name, p in zip(layout.fields, entries, strict=True):
+        if p is None:
+            continue  # skipped when the record was drawn
+        if name in _MIXING:
+            mix[name] = p
+        elif partner is not None:
+            if not isinstance(p, (list, tuple)) or len(p) != 2:
+                raise ValueError(f"{name} entry of a mixing record must be a pair [this, partner], got {p!r}")
+            own[name], other[name] = p
         else:
-            raise ValueError(f"unexpected entry {entry!r} in augmentation record {record!r}")
-    i, j, h, w = (int(v) for v in box)
-    if h < 1 or w < 1:
-        raise ValueError(f"empty crop box {box!r}")
-    return (i, j, h, w), flip, ops
+            own[name] = p
+    mixup, cutmix = _mix_entries(mix)
+    if (mixup is not None or cutmix is not None) and partner is None:
+        raise ValueError(f"augmentation record {record!r} mixes images but names no partner")
+    partner_view = _view_params(other) if partner is not None else None
+    return Record(_view_params(own), partner, partner_view, mixup, cutmix)
 
 
 def _apply_op(img: Image.Image, name: str, magnitude: float) -> Image.Image:
     # Same semantics as torchvision.transforms.autoaugment._apply_op on PIL images, with RandAugment's defaults
     # (NEAREST, fill None), written with the public functional API.
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
     nearest = InterpolationMode.NEAREST
     if name == "ShearX":
         # NOTE: shear angle = atan(magnitude) around the top-left corner, as torchvision/AutoAugment.
@@ -317,103 +464,69 @@ def _apply_op(img: Image.Image, name: str, magnitude: float) -> Image.Image:
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
-def replay(
-    img: Image.Image, record: Sequence, size: int | Sequence[int], interpolation: Interpolation = "bicubic"
+def replay_view(
+    img: Image.Image, view: ViewParams, size: int | Sequence[int], interpolation: Interpolation = "bicubic"
 ) -> Image.Image:
-    """Re-create the view a record describes: crop box -> resize to `size` -> flip -> RandAugment ops.
+    """One image's view: crop box -> resize to `size` -> flip -> RandAugment ops -> random erasing."""
+    out_size = [int(size), int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
+    i, j, h, w = view.box
+    out = F.resized_crop(img, i, j, h, w, out_size, interpolation_mode(interpolation), antialias=True)
+    if view.flip:
+        out = F.hflip(out)
+    for op, magnitude in view.ops:
+        out = _apply_op(out, OP_NAMES[op], magnitude)
+    if view.erase is not None and view.erase[0] != -1:
+        # NOTE: absolute pixels of the record's crop size, as for translations; zero in [0, 1] is black in uint8.
+        x, y, eh, ew = view.erase
+        arr = np.array(out)
+        arr[x : x + eh, y : y + ew] = 0
+        out = Image.fromarray(arr)
+    return out
+
+
+def replay(
+    img: Image.Image,
+    record: object,
+    size: int | Sequence[int],
+    interpolation: Interpolation = "bicubic",
+    layout: RecordLayout = DATACOMPDR_LAYOUT,
+    partner: Image.Image | None = None,
+) -> Image.Image:
+    """Re-create the view a record describes at `size` (e.g. the student's resolution).
 
     Args:
-        img: The original RGB image (see `decode_image`), the one the record's box refers to.
-        record: A record from `sample_record` or a DataCompDR `paug.json`.
-        size: Output side (or `(height, width)`); the box is resized to it, e.g. the student's resolution.
+        img: The original RGB image (see `mcd_common.images.decode_image`), the one the record's box refers to.
+        record: A raw record (from `sample_record` or a DataCompDR `paug.json`) or a decoded `Record`.
+        size: Output side (or `(height, width)`).
         interpolation: Filter of the crop resize (PIL resampling, always antialiased).
+        layout: The dataset's record layout (raw records only).
+        partner: The partner's original image, needed when the record mixes (mixup / cutmix).
 
     Returns:
         The augmented RGB view of shape `size`.
-    """
-    from torchvision.transforms import functional as F
-
-    (i, j, h, w), flip, ops = parse_record(record)
-    out_size = [int(size), int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
-    view = F.resized_crop(img, i, j, h, w, out_size, _interp(interpolation), antialias=True)
-    if flip:
-        view = F.hflip(view)
-    for op, magnitude in ops or ():
-        view = _apply_op(view, OP_NAMES[op], magnitude)
-    return view
-
-
-def center_view(img: Image.Image, size: int, interpolation: Interpolation = "bicubic") -> Image.Image:
-    """open_clip's evaluation view: resize the shorter side to `size`, then center-crop `size` x `size`."""
-    from torchvision.transforms import functional as F
-
-    view = F.resize(img, size, _interp(interpolation), antialias=True)
-    return F.center_crop(view, [size, size])
-
-
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor `[3, H, W]` (no scaling: models normalise inside, see docs/DESIGN.md)."""
-    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be used; `reason` is the skip-counter name the builder reports."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB the way the DataCompDR loader does (`PIL -> RGBA -> RGB`).
-
-    webdataset's `pilrgba` decoder followed by `.convert("RGB")` (Apple's `preprocess_dr`) drops alpha without
-    compositing; doing the same here keeps our stored crops valid for Apple's loader. CMYK, greyscale, palette and
-    16-bit images are converted; 16-bit and float greyscale are first scaled to 8 bits. EXIF orientation is
-    ignored, as in webdataset.
-
-    Args:
-        data: Encoded image bytes (JPEG, PNG, WebP, ...).
-        max_pixels: Refuse images with more pixels than this (read from the header, before decoding).
 
     Raises:
-        ImageDecodeError: `reason` is "undecodable" (not an image, truncated, corrupt) or "too_large".
+        ValueError: On a malformed record, or a mixing record without `partner`.
     """
-    if not data:
-        raise ImageDecodeError("undecodable", "empty image bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF/palette warnings are noise here
-            # NOTE: lift PIL's decompression-bomb guard for this call; `max_pixels` is the explicit limit instead.
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(io.BytesIO(data))
-                if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise ImageDecodeError(
-                        "too_large", f"{img.width}x{img.height} image exceeds max_pixels={max_pixels}"
-                    )
-                img.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
-    except ImageDecodeError:
-        raise
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad bytes
-        raise ImageDecodeError("undecodable", f"cannot decode image: {exc}") from exc
-    if img.width < 1 or img.height < 1:
-        raise ImageDecodeError("undecodable", f"empty image {img.width}x{img.height}")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float greyscale: PIL's RGBA conversion clips instead of scaling, so map the range to 8 bits.
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    try:
-        return img.convert("RGBA").convert("RGB")
-    except Exception as exc:
-        raise ImageDecodeError("undecodable", f"cannot convert {img.mode} image to RGB: {exc}") from exc
+    rec = record if isinstance(record, Record) else decode_record(record, layout)
+    view = replay_view(img, rec.view, size, interpolation)
+    if not rec.needs_partner:
+        return view
+    if partner is None or rec.partner_view is None:
+        raise ValueError(f"the record mixes this image with sample {rec.partner!r}: its image is needed to replay it")
+    other = np.asarray(replay_view(partner, rec.partner_view, size, interpolation))
+    out = np.asarray(view)
+    if rec.mixup is not None:
+        lam = rec.mixup
+        out = np.clip(np.rint(lam * out.astype(np.float64) + (1.0 - lam) * other), 0, 255).astype(np.uint8)
+    if rec.cutmix is not None:
+        x1, y1, x2, y2 = rec.cutmix[1]
+        out = out.copy()
+        out[x1:x2, y1:y2] = other[x1:x2, y1:y2]
+    return Image.fromarray(out)
 
 
-def decode_param_aug(obj: Any) -> list[list]:
+def decode_param_aug(obj: object) -> list[list]:
     """The list of records from a `paug.json` member in any of its published forms.
 
     Accepts the parsed dict (`{"param_aug": [...]}`), the bare list, raw bytes/str of either, and Hugging Face's

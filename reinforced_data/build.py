@@ -26,41 +26,31 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+import teachers
+from mcd_common.errors import UsageError
+from mcd_common.files import TMP_MARK, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from mcd_common.images import ImageDecodeError, center_view, decode_image, to_uint8_tensor
+from mcd_common.tars import TarReader
 from reinforced_data import schema
-from reinforced_data._io import (
-    TarShardWriter,
-    atomic_write_bytes,
-    atomic_write_json,
-    encode_npz,
-    sha256_bytes,
-    sha256_file,
-)
-from reinforced_data.augment import (
-    AugmentCfg,
-    ImageDecodeError,
-    center_view,
-    decode_image,
-    record_rng,
-    replay,
-    sample_record,
-    to_uint8_tensor,
-)
+from reinforced_data._io import TarShardWriter, encode_npz
+from reinforced_data.augment import AugmentCfg, record_rng, replay, sample_record
+from reinforced_data.shapes import DEFAULT_CORPUS_DIR
 from reinforced_data.sources import InputShard, SampleRef, check_caption, index_shard, read_sample, resolve_inputs
+from reinforced_data.verify import verify_dataset
 
 __all__ = ["BuildArgs", "build_data", "dist_env", "rebuild_manifest", "shard_name"]
 
 _logger = logging.getLogger(__name__)
 
-ALT_SYN_KEY = "syn_text_alt"
-"""`syn.json` key holding a sample's other real captions (several captions per image on input)."""
 _MAX_LISTED_SKIPS = 100  # skipped uids listed per sidecar; the counts are always complete
 
 
@@ -99,14 +89,21 @@ class BuildArgs:
     """Store the original image bytes (`jpg`); false keeps only `url.txt` (as the published DataCompDR)."""
     alt_captions: bool = True
     """When an image has several real captions (flickr8k, the shapes corpus), store the others under
-    `syn.json["syn_text_alt"]` with their embeddings, so they are sampled like synthetic captions."""
+    `syn.json["alt_text"]` with their embeddings. Our trainer samples them like synthetic captions
+    (`--data.use_syn`); Apple's trainer ignores them (its default key regex `^syn_text.*$` does not match)."""
+    teacher_views: Literal["replay", "resize"] = "replay"
+    """How each teacher of a mixed-resolution ensemble sees a view. `replay`: the record is replayed at each
+    teacher's own resolution, an exact crop per teacher (the pixels a student replaying the record at that size
+    gets). `resize`: Apple's RayGen (apple/ml-mobileclip-dr `scripts/gen.py`): replayed once at `crop_size`, then
+    bicubic-resized (`F.interpolate`, no antialias) for each teacher whose size differs, chained in ensemble
+    order, for embeddings that match a dataset RayGen wrote (up to float rounding)."""
     shard_size: int = 1000
     """Images per shard when the input is an image folder (tar inputs keep their shards)."""
     max_pixels: int | None = 89_478_485
     """Skip images with more pixels than this (PIL's decompression-bomb limit); null disables the check."""
     max_shards: int | None = None
     """Only process the first N input shards (quick trials)."""
-    corpus_dir: str = "~/.cache/mobileclip-distill/shapes"
+    corpus_dir: str = DEFAULT_CORPUS_DIR
     """Where the embedded shapes corpus is generated when no --input is given."""
     device: str = "auto"
     """Torch device; auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
@@ -119,30 +116,30 @@ class BuildArgs:
 
     def __post_init__(self) -> None:
         if self.num_augs < 1:
-            raise ValueError(f"--build.num_augs must be >= 1, got {self.num_augs}")
+            raise UsageError(f"--build.num_augs must be >= 1, got {self.num_augs}")
         if self.num_syn < 0:
-            raise ValueError(f"--build.num_syn must be >= 0, got {self.num_syn}")
+            raise UsageError(f"--build.num_syn must be >= 0, got {self.num_syn}")
         if self.batch_size < 1:
-            raise ValueError(f"--build.batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--build.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
-            raise ValueError(f"--build.num_workers must be >= 0, got {self.num_workers}")
+            raise UsageError(f"--build.num_workers must be >= 0, got {self.num_workers}")
         if self.crop_size is not None and self.crop_size < 8:
-            raise ValueError(f"--build.crop_size must be >= 8 (or null), got {self.crop_size}")
+            raise UsageError(f"--build.crop_size must be >= 8 (or null), got {self.crop_size}")
         if not 0.0 < self.scale_min <= self.scale_max <= 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"--build.scale_min/--build.scale_max must satisfy 0 < min <= max <= 1, "
                 f"got {self.scale_min}, {self.scale_max}"
             )
         if not 0 <= self.magnitude < 31:
-            raise ValueError(f"--build.magnitude must be in [0, 30], got {self.magnitude}")
+            raise UsageError(f"--build.magnitude must be in [0, 30], got {self.magnitude}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--build.top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"--build.top_p must be in (0, 1], got {self.top_p}")
         if self.shard_size < 1:
-            raise ValueError(f"--build.shard_size must be >= 1, got {self.shard_size}")
+            raise UsageError(f"--build.shard_size must be >= 1, got {self.shard_size}")
         if self.max_pixels is not None and self.max_pixels < 1:
-            raise ValueError(f"--build.max_pixels must be >= 1 (or null), got {self.max_pixels}")
+            raise UsageError(f"--build.max_pixels must be >= 1 (or null), got {self.max_pixels}")
         if self.max_shards is not None and self.max_shards < 1:
-            raise ValueError(f"--build.max_shards must be >= 1 (or null), got {self.max_shards}")
+            raise UsageError(f"--build.max_shards must be >= 1 (or null), got {self.max_shards}")
 
 
 def shard_name(index: int) -> str:
@@ -161,7 +158,7 @@ def dist_env() -> tuple[int, int, int]:
     else:
         rank, world, local = 0, 1, 0
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"bad distributed environment: rank {rank}, world size {world}")
+        raise UsageError(f"bad distributed environment: rank {rank}, world size {world}")
     return rank, world, local
 
 
@@ -173,19 +170,50 @@ class _Task:
     """One batch of one shard, decoded and augmented by a DataLoader worker."""
 
     shard: int
-    kind: str
+    kind: Literal["tar", "folder"]
     path: str
     batch: int
     num_batches: int
     refs: tuple[SampleRef, ...]
 
 
-class _ViewDataset(torch.utils.data.Dataset):
-    """Map-style dataset over `_Task`s: reads, validates and decodes samples, samples records, replays views.
+@dataclass
+class _Sample:
+    """One input sample that survived validation, with its augmentation records (what a shard stores)."""
 
-    Returns per task a dict with the surviving samples (bytes, caption, records, ...), uint8 views per teacher
-    resolution `[n * K, 3, S, S]` (sample-major), captioner views `[n, 3, S, S]`, and `(uid, reason)` skips.
+    uid: str
+    image: bytes
+    caption: str
+    alt: list[str]
+    """The image's other real captions (distinct, normalised), when `alt_captions` is on."""
+    url: str | None
+    meta: dict[str, object]
+    records: list[list]
+    size: tuple[int, int]
+    """`(width, height)` of the decoded image."""
+
+    @property
+    def sha256(self) -> str:
+        return sha256_bytes(self.image)
+
+
+@dataclass
+class _Batch:
+    """A worker's output for one task: surviving samples, `(uid, reason)` skips and uint8 views.
+
+    `views[size]` is `[n * K, 3, S, S]` (sample-major: all K views of sample 0 first); `cap_views[size]` is
+    `[n, 3, S, S]`, the captioners' centre views.
     """
+
+    task: _Task
+    samples: list[_Sample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    views: dict[int, torch.Tensor] = field(default_factory=dict)
+    cap_views: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class _ViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset over `_Task`s: reads, validates and decodes samples, samples records, replays views."""
 
     def __init__(
         self,
@@ -204,83 +232,68 @@ class _ViewDataset(torch.utils.data.Dataset):
         self.caption_sizes = caption_sizes
         self.max_pixels = max_pixels
         self.alt_captions = alt_captions
-        self._fh: tuple[str, Any] | None = None
+        self.layout = aug.record_layout()
+        self._reader = TarReader()  # one open tar per worker, reused across the batches of a shard
 
     def __len__(self) -> int:  # tasks come from the sampler; the length is unused
         return 0
 
-    def _file(self, path: str):
-        # One open tar per worker, reused across the batches of a shard.
-        if self._fh is None or self._fh[0] != path:
-            if self._fh is not None:
-                self._fh[1].close()
-            self._fh = (path, open(path, "rb"))
-        return self._fh[1]
-
     def close(self) -> None:
-        """Close the cached tar handle (the in-process dataset of `num_workers=0`)."""
-        if self._fh is not None:
-            self._fh[1].close()
-            self._fh = None
+        """Close the cached tar handles (the in-process dataset of `num_workers=0`)."""
+        self._reader.close()
 
-    def __getitem__(self, task: _Task) -> dict:
-        shard = InputShard(index=task.shard, name="", kind=task.kind, path=task.path)  # type: ignore[arg-type]
-        fh = self._file(task.path) if task.kind == "tar" else None
-        samples, skipped = [], []
+    def __getitem__(self, task: _Task) -> _Batch:
+        shard = InputShard(index=task.shard, name="", kind=task.kind, path=task.path)
+        batch = _Batch(task)
         views: dict[int, list[torch.Tensor]] = {s: [] for s in self.view_sizes}
         cap_views: dict[int, list[torch.Tensor]] = {s: [] for s in self.caption_sizes}
         for ref in task.refs:
-            raw = read_sample(shard, ref, fh)
-            reason, caption = check_caption(raw.caption)
-            if raw.error is not None:
-                reason = raw.error
-            elif raw.image is None:
-                reason = "no_image"
-            if reason is not None:
-                skipped.append((raw.uid, reason))
+            sample = self._prepare(shard, ref, batch.skipped)
+            if sample is None:
                 continue
-            try:
-                img = decode_image(raw.image, self.max_pixels)
-            except ImageDecodeError as exc:
-                skipped.append((raw.uid, exc.reason))
-                continue
-            records = [
-                sample_record(img.width, img.height, record_rng(self.seed, raw.uid, k), self.aug)
-                for k in range(self.num_augs)
-            ]
+            img = decode_image(sample.image, self.max_pixels)
             for size in self.view_sizes:
-                views[size].extend(to_uint8_tensor(replay(img, rec, size, self.aug.interpolation)) for rec in records)
+                views[size].extend(
+                    to_uint8_tensor(replay(img, rec, size, self.aug.interpolation, self.layout))
+                    for rec in sample.records
+                )
             for size in self.caption_sizes:
                 cap_views[size].append(to_uint8_tensor(center_view(img, size, "bicubic")))
-            alt: list[str] = []
-            if self.alt_captions:
-                for c in raw.captions:
-                    ok, text = check_caption(c)
-                    if ok is None and text != caption and text not in alt:
-                        alt.append(text)
-            samples.append(
-                {
-                    "uid": raw.uid,
-                    "image": raw.image,
-                    "sha256": sha256_bytes(raw.image),
-                    "caption": caption,
-                    "alt": alt,
-                    "url": raw.url,
-                    "meta": raw.meta,
-                    "records": records,
-                    "size": [img.width, img.height],
-                }
-            )
-        return {
-            "task": (task.shard, task.batch, task.num_batches),
-            "samples": samples,
-            "skipped": skipped,
-            "views": {s: torch.stack(v) for s, v in views.items() if v},
-            "cap_views": {s: torch.stack(v) for s, v in cap_views.items() if v},
-        }
+            batch.samples.append(sample)
+        batch.views = {s: torch.stack(v) for s, v in views.items() if v}
+        batch.cap_views = {s: torch.stack(v) for s, v in cap_views.items() if v}
+        return batch
+
+    def _prepare(self, shard: InputShard, ref: SampleRef, skipped: list[tuple[str, str]]) -> _Sample | None:
+        """Read and validate one sample and sample its records; a skip is appended to `skipped` (None returned)."""
+        raw = read_sample(shard, ref, self._reader)
+        reason, caption = check_caption(raw.caption)
+        if raw.error is not None:
+            reason = raw.error
+        elif raw.image is None:
+            reason = "no_image"
+        if reason is not None:
+            skipped.append((raw.uid, reason))
+            return None
+        try:
+            img = decode_image(raw.image, self.max_pixels)
+        except ImageDecodeError as exc:
+            skipped.append((raw.uid, exc.reason))
+            return None
+        records = [
+            sample_record(img.width, img.height, record_rng(self.seed, raw.uid, k), self.aug)
+            for k in range(self.num_augs)
+        ]
+        alt: list[str] = []
+        if self.alt_captions:
+            for c in raw.captions:
+                skip_reason, text = check_caption(c)
+                if skip_reason is None and text != caption and text not in alt:
+                    alt.append(text)
+        return _Sample(raw.uid, raw.image, caption, alt, raw.url, raw.meta, records, (img.width, img.height))
 
 
-def _identity(x: Any) -> Any:
+def _identity(x: _Batch) -> _Batch:
     return x
 
 
@@ -292,11 +305,11 @@ def _worker_init(_: int) -> None:
 # ----------------------------------------------------------------------------------------------------- main side
 
 
-def _teach_meta(ens: Any, aug: AugmentCfg) -> dict:
-    teachers = []
+def _teach_meta(ens: teachers.TeacherEnsemble, aug: AugmentCfg) -> dict:
+    members = []
     for name, t in ens.items():
         cfg = t.cfg
-        teachers.append(
+        members.append(
             {
                 "name": name,
                 "source": cfg.source,
@@ -317,14 +330,19 @@ def _teach_meta(ens: Any, aug: AugmentCfg) -> dict:
         "schema_version": schema.SCHEMA_VERSION,
         "dr_version": 1,
         "ensemble": ens.name,
-        "teachers": teachers,
+        "teachers": members,
         "aug_crop": aug.crop_size,
         "view_interpolation": aug.interpolation,
     }
 
 
 def _dr_config(
-    teach: dict, aug: AugmentCfg, args: BuildArgs, captioners: list[Any], shards: list[InputShard], input: Any
+    teach: dict,
+    aug: AugmentCfg,
+    args: BuildArgs,
+    captioners: list[teachers.Captioner],
+    shards: list[InputShard],
+    input: str | None,
 ) -> dict:
     first = teach["teachers"][0]
     image_aug = aug.to_dr_config()
@@ -346,6 +364,7 @@ def _dr_config(
             "seed": args.seed,
             "keep_images": args.keep_images,
             "alt_captions": args.alt_captions,
+            "teacher_views": args.teacher_views,
             "max_pixels": args.max_pixels,
             "input": None if input is None else str(input),
             "num_input_shards": len(shards),
@@ -354,7 +373,7 @@ def _dr_config(
     }
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+def _diff_keys(a: object, b: object, prefix: str = "") -> list[str]:
     """Dotted paths where two JSON objects differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
@@ -427,19 +446,32 @@ def rebuild_manifest(root: str | os.PathLike) -> dict:
 
 
 class _Encoder:
-    """Batched teacher / captioner inference on one device."""
+    """Batched teacher / captioner inference on one device, and the shard members of an encoded batch."""
 
-    def __init__(self, ens: Any, captioners: list[Any], device: torch.device, args: BuildArgs) -> None:
+    def __init__(
+        self,
+        ens: teachers.TeacherEnsemble,
+        captioners: list[teachers.Captioner],
+        device: torch.device,
+        args: BuildArgs,
+        teach_bytes: bytes,
+    ) -> None:
         self.ens = ens
         self.captioners = captioners
+        self.syn_keys = [c.syn_key for c in captioners]
         self.device = device
         self.chunk = args.batch_size
         self.args = args
+        self.teach_bytes = teach_bytes
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        )
 
     def images(self, views: dict[int, torch.Tensor]) -> torch.Tensor:
         """`{size: uint8 [N, 3, S, S]}` -> `[N, sum(D)]` float32, each teacher slice re-normalised in fp32."""
+        if self.args.teacher_views == "resize":
+            return self._resized_images(views[max(views)])
         outs = []
         for _, member in self.ens.items():
             px = views[member.image_size]
@@ -449,6 +481,21 @@ class _Encoder:
                 with self.autocast():
                     feats.append(member.encode_image(x).float())
             outs.append(torch.nn.functional.normalize(torch.cat(feats), dim=-1))
+        return torch.cat(outs, dim=1).cpu()
+
+    def _resized_images(self, px: torch.Tensor) -> torch.Tensor:
+        """RayGen's ensemble views: one view at the crop size, bicubic-resized from teacher to teacher."""
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.ens.names}
+        for start in range(0, px.shape[0], self.chunk):
+            x = px[start : start + self.chunk].to(self.device, non_blocking=True).float() / 255.0
+            for name, member in self.ens.items():
+                size = member.image_size
+                if x.shape[-1] != size:
+                    # NOTE: chained as RayGen does: each resize starts from the previous teacher's view.
+                    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic")
+                with self.autocast():
+                    feats[name].append(member.encode_image(x).float())
+        outs = [torch.nn.functional.normalize(torch.cat(f), dim=-1) for f in feats.values()]
         return torch.cat(outs, dim=1).cpu()
 
     def texts(self, texts: list[str]) -> torch.Tensor:
@@ -481,6 +528,51 @@ class _Encoder:
             out.append(per_image)
         return out
 
+    def syn_docs(self, batch: _Batch) -> list[dict[str, list[str]]]:
+        """Per sample, its `syn.json` dict (captioners, then the other real captions; see `schema`).
+
+        A sample without synthetic captions gets the `syn_text_gt` placeholder (its real caption), the key Apple's
+        loader needs to read the sample.
+        """
+        generated = self.captions(batch.cap_views, _batch_seed(self.args.seed, batch.task.shard, batch.task.batch))
+        docs = []
+        for i, s in enumerate(batch.samples):
+            doc = {key: caps_i[i] for key, caps_i in zip(self.syn_keys, generated, strict=True) if caps_i[i]}
+            if not doc:
+                doc[schema.GT_PLACEHOLDER_KEY] = [s.caption]
+            if s.alt:
+                doc[schema.ALT_KEY] = s.alt
+            docs.append(doc)
+        return docs
+
+    def encode(self, batch: _Batch) -> list[tuple[str, dict[str, bytes]]]:
+        """`(uid, shard members)` of every sample of a batch, embeddings included."""
+        samples = batch.samples
+        n, k = len(samples), self.args.num_augs
+        # [n * K, sum(D)] -> [n, K, sum(D)]: views are sample-major (all K views of sample 0 first)
+        image_emb = self.images(batch.views).reshape(n, k, -1).numpy()
+        syn_docs = self.syn_docs(batch)
+        # One text forward for every caption of the batch: real captions first, then each sample's syn lists
+        # (the placeholder reuses the real caption's row).
+        encoded = [(k, caps) for doc in syn_docs for k, caps in doc.items() if k != schema.GT_PLACEHOLDER_KEY]
+        texts = [s.caption for s in samples] + [c for _, caps in encoded for c in caps]
+        text_emb = self.texts(texts).numpy()
+        out = []
+        offset = n
+        for i, s in enumerate(samples):
+            emb = {
+                schema.IMAGE_EMB: image_emb[i].astype(np.float16),
+                schema.TEXT_EMB: text_emb[i : i + 1].astype(np.float16),
+            }
+            for key, caps in syn_docs[i].items():
+                if key == schema.GT_PLACEHOLDER_KEY:
+                    emb[schema.syn_emb_name(key)] = emb[schema.TEXT_EMB]
+                    continue
+                emb[schema.syn_emb_name(key)] = text_emb[offset : offset + len(caps)].astype(np.float16)
+                offset += len(caps)
+            out.append((s.uid, _sample_members(s, syn_docs[i], emb, self.teach_bytes, self.args.keep_images)))
+        return out
+
 
 def _batch_seed(seed: int, shard: int, batch: int) -> int:
     digest = hashlib.sha256(f"{seed}/caption/{shard}/{batch}".encode()).digest()
@@ -496,31 +588,86 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
 
 
 def _sample_members(
-    sample: dict, syn: dict[str, list[str]], emb: dict[str, np.ndarray], teach_bytes: bytes, keep_images: bool
+    sample: _Sample, syn: dict[str, list[str]], emb: dict[str, np.ndarray], teach_bytes: bytes, keep_images: bool
 ) -> dict[str, bytes]:
-    meta = {k: v for k, v in sample["meta"].items() if k not in ("uid", "sha256", "captions")}
-    doc: dict[str, Any] = {
-        "uid": sample["uid"],
-        "sha256": sample["sha256"],
-        "width": sample["size"][0],
-        "height": sample["size"][1],
+    meta = {k: v for k, v in sample.meta.items() if k not in ("uid", "sha256", "captions")}
+    doc: dict[str, object] = {
+        "uid": sample.uid,
+        "sha256": sample.sha256,
+        "width": sample.size[0],
+        "height": sample.size[1],
     }
     doc.update({k: v for k, v in meta.items() if k not in doc})
-    if sample["alt"]:
-        doc["captions"] = [sample["caption"], *sample["alt"]]
+    if sample.alt:
+        doc["captions"] = [sample.caption, *sample.alt]
     members: dict[str, bytes] = {}
     if keep_images:
-        members[schema.KEY_IMAGE] = sample["image"]
-    if sample["url"]:
-        members[schema.KEY_URL] = sample["url"].encode()
-    members[schema.KEY_TXT] = sample["caption"].encode()
+        members[schema.KEY_IMAGE] = sample.image
+    if sample.url:
+        members[schema.KEY_URL] = sample.url.encode()
+    members[schema.KEY_TXT] = sample.caption.encode()
     members[schema.KEY_JSON] = json.dumps(doc, ensure_ascii=False).encode()
-    if syn:
-        members[schema.KEY_SYN] = json.dumps(syn, ensure_ascii=False).encode()
-    members[schema.KEY_PAUG] = json.dumps({"param_aug": sample["records"]}).encode()
+    members[schema.KEY_SYN] = json.dumps(syn, ensure_ascii=False).encode()
+    members[schema.KEY_PAUG] = json.dumps({"param_aug": sample.records}).encode()
     members[schema.KEY_NPZ] = encode_npz(emb)
     members[schema.KEY_TEACH] = teach_bytes
     return members
+
+
+class _ShardOut:
+    """One output shard being written: its tar, the uids it holds and what it skipped (its sidecar's content)."""
+
+    def __init__(self, out: Path, index: int, input_name: str) -> None:
+        self.out, self.index, self.input_name = out, index, input_name
+        self.path = out / shard_name(index)
+        self.writer = TarShardWriter(self.path)
+        self.skips: Counter[str] = Counter()
+        self.skipped_uids: list[list[str]] = []
+        self.uids: set[str] = set()
+
+    def skip(self, uid: str, reason: str) -> None:
+        """Count a sample that is not written (every skip is counted; the first few uids are listed)."""
+        self.skips[reason] += 1
+        if len(self.skipped_uids) < _MAX_LISTED_SKIPS:
+            self.skipped_uids.append([uid, reason])
+
+    def add(self, uid: str, members: dict[str, bytes]) -> None:
+        """Write a sample; a uid already in this shard is skipped as `duplicate_uid` (the first one stays)."""
+        if uid in self.uids:
+            self.skip(uid, "duplicate_uid")
+            return
+        self.uids.add(uid)
+        self.writer.write(uid, members)
+
+    def finish(self, rank: int, batch_size: int) -> tuple[int, Counter[str]]:
+        """Close the tar, write its sidecar; returns `(samples written, skips)`."""
+        self.writer.close()
+        sidecar = {
+            "shard": shard_name(self.index),
+            "input": self.input_name,
+            "num_samples": self.writer.count,
+            "sha256": sha256_file(self.path),
+            "bytes": self.path.stat().st_size,
+            "skipped": dict(sorted(self.skips.items())),
+            "skipped_uids": self.skipped_uids,
+            "rank": rank,
+            "batch_size": batch_size,
+        }
+        atomic_write_json(_sidecar_path(self.out, self.index), sidecar)
+        return self.writer.count, self.skips
+
+    def abort(self) -> None:
+        """Drop the partial tar (a killed or failed run rebuilds the shard from scratch)."""
+        self.writer.abort()
+
+
+@dataclass
+class _Totals:
+    """What this rank wrote in this run."""
+
+    written: int = 0
+    shards_done: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
 
 
 def build_data(
@@ -562,8 +709,6 @@ def build_data(
         the verification report.
     """
     if verify is not None:
-        from reinforced_data.verify import verify_dataset
-
         report = verify_dataset(verify)
         if not report["ok"]:
             for problem in report["problems"]:
@@ -571,9 +716,9 @@ def build_data(
             raise SystemExit(f"verify {verify}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
         return report
     if out is None:
-        raise ValueError("--out is required to build a dataset (or pass --verify DIR)")
+        raise UsageError("--out is required to build a dataset (or pass --verify DIR)")
     if teacher is None:
-        raise ValueError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
+        raise UsageError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
     return _build(Path(out), input, captions, split_file, teacher, captioner, build, teacher_weights, captioner_weights)
 
 
@@ -588,21 +733,78 @@ def _build(
     teacher_weights: Path | None = None,
     captioner_weights: Path | None = None,
 ) -> dict:
-    import teachers
-
+    """Set up (inputs, models, output root), write this rank's unfinished shards, rebuild the manifest."""
     t_start = time.perf_counter()
     rank, world, local_rank = dist_env()
     device = _resolve_device(args.device, local_rank)
     shards = resolve_inputs(
-        input,
-        captions=captions,
-        split_file=split_file,
-        shard_size=args.shard_size,
-        corpus_dir=args.corpus_dir,
+        input, captions=captions, split_file=split_file, shard_size=args.shard_size, corpus_dir=args.corpus_dir
     )
     if args.max_shards is not None:
         shards = shards[: args.max_shards]
+    ens, caps = _load_models(teacher_name, captioner_names, args, device, teacher_weights, captioner_weights)
+    aug = _augment_cfg(args, ens)
+    teach = _teach_meta(ens, aug)
+    _prepare_out(out, _dr_config(teach, aug, args, caps, shards, input), teach)
 
+    owned = [s for s in shards if s.index % world == rank]
+    todo = [s for s in owned if not _shard_done(out, s.index)]
+    _cleanup_tmp(out, {shard_name(s.index) for s in todo})
+    _logger.info(
+        "build-data rank %d/%d on %s: %d input shards, %d owned, %d already done, teachers %s (dims %s), "
+        "%d augs, captioners %s",
+        rank,
+        world,
+        device,
+        len(shards),
+        len(owned),
+        len(owned) - len(todo),
+        ens.names,
+        ens.embed_dims,
+        args.num_augs,
+        [c.name for c in caps],
+    )
+    t_loop = time.perf_counter()
+    totals = _write_shards(out, todo, _Encoder(ens, caps, device, args, _compact_json(teach)), aug, rank)
+    loop_time = time.perf_counter() - t_loop
+    progress = rebuild_manifest(out)
+    processed = totals.written + sum(totals.skipped.values())
+    summary = {
+        "out": str(out),
+        "rank": rank,
+        "world_size": world,
+        "device": str(device),
+        "teachers": ens.names,
+        "written": totals.written,
+        "skipped": dict(sorted(totals.skipped.items())),
+        "shards_done": totals.shards_done,
+        "shards_resumed": len(owned) - len(todo),
+        "shards_owned": len(owned),
+        "shards_total": len(shards),
+        "views_per_image": args.num_augs,
+        "images_per_s": round(processed / loop_time, 2) if processed else None,
+        "views_per_s": round(totals.written * args.num_augs / loop_time, 2) if processed else None,
+        "wall_time_s": round(time.perf_counter() - t_start, 2),
+        "dataset_complete": progress.get("complete", False),
+        "dataset_samples": progress.get("num_samples"),
+    }
+    _logger.info("build-data summary: %s", summary)
+    return summary
+
+
+def _compact_json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _load_models(
+    teacher_name: str,
+    captioner_names: str | None,
+    args: BuildArgs,
+    device: torch.device,
+    teacher_weights: Path | None,
+    captioner_weights: Path | None,
+) -> tuple[teachers.TeacherEnsemble, list[teachers.Captioner]]:
+    """The teacher ensemble and the captioners, on `device`."""
     t_weights = teachers.WeightSpec(file=str(teacher_weights)) if teacher_weights else None
     c_weights = teachers.WeightSpec(file=str(captioner_weights)) if captioner_weights else None
     ens = teachers.as_ensemble(teachers.create_teacher(teacher_name, weights=t_weights))
@@ -614,24 +816,31 @@ def _build(
         caps = []
     syn_keys = [c.syn_key for c in caps]
     if len(set(syn_keys)) != len(syn_keys):
-        raise ValueError(f"captioners share a syn.json key ({syn_keys}); give them distinct tags")
+        raise UsageError(f"--captioner: captioners share a syn.json key ({syn_keys}); give them distinct tags")
+    reserved = {schema.GT_PLACEHOLDER_KEY, schema.LEGACY_ALT_KEY} & set(syn_keys)
+    if reserved:
+        raise UsageError(f"--captioner: syn.json key {sorted(reserved)} is reserved; give the captioner another tag")
     ens.to(device)
     for c in caps:
         c.to(device)
     if device.type == "cuda" and args.channels_last:
         ens.to(memory_format=torch.channels_last)
-    crop = args.crop_size or max(t.image_size for t in ens.values())
-    aug = AugmentCfg(
-        crop_size=crop,
+    return ens, caps
+
+
+def _augment_cfg(args: BuildArgs, ens: teachers.TeacherEnsemble) -> AugmentCfg:
+    return AugmentCfg(
+        crop_size=args.crop_size or max(t.image_size for t in ens.values()),
         scale=(args.scale_min, args.scale_max),
         interpolation=args.interpolation,
         rand_augment=args.rand_augment,
         magnitude=args.magnitude,
         hflip=args.hflip,
     )
-    teach = _teach_meta(ens, aug)
-    config = _dr_config(teach, aug, args, caps, shards, input)
 
+
+def _prepare_out(out: Path, config: dict, teach: dict) -> None:
+    """Create the output root; refuse one built with other arguments, else write `config.json` / `teach.json`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / schema.PROGRESS_DIR).mkdir(exist_ok=True)
     cfg_path = out / schema.CONFIG_FILE
@@ -639,7 +848,7 @@ def _build(
         old = json.loads(cfg_path.read_text())
         diff = _diff_keys(old, json.loads(json.dumps(config)))
         if diff:
-            raise ValueError(
+            raise UsageError(
                 f"--out {str(out)!r} holds a dataset built with other arguments (differs in: {', '.join(diff)}); "
                 "use a new --out directory or delete this one"
             )
@@ -647,179 +856,58 @@ def _build(
         atomic_write_json(cfg_path, config)
     atomic_write_json(out / schema.TEACH_FILE, teach)
 
-    owned = [s for s in shards if s.index % world == rank]
-    todo = [s for s in owned if not _shard_done(out, s.index)]
-    resumed = len(owned) - len(todo)
-    _cleanup_tmp(out, {shard_name(s.index) for s in todo})
-    _logger.info(
-        "build-data rank %d/%d on %s: %d input shards, %d owned, %d already done, teachers %s (dims %s), "
-        "%d augs, captioners %s",
-        rank,
-        world,
-        device,
-        len(shards),
-        len(owned),
-        resumed,
-        ens.names,
-        ens.embed_dims,
-        args.num_augs,
-        [c.name for c in caps],
-    )
 
-    view_sizes = tuple(sorted({t.image_size for t in ens.values()}))
-    cap_sizes = tuple(sorted({c.image_size for c in caps}))
+def _write_shards(out: Path, todo: list[InputShard], encoder: _Encoder, aug: AugmentCfg, rank: int) -> _Totals:
+    """Encode and write every shard of `todo` (workers decode and replay, this process runs the models)."""
+    args = encoder.args
+    if args.teacher_views == "resize":
+        view_sizes: tuple[int, ...] = (aug.crop_size,)
+    else:
+        view_sizes = tuple(sorted({t.image_size for t in encoder.ens.values()}))
+    cap_sizes = tuple(sorted({c.image_size for c in encoder.captioners}))
     dataset = _ViewDataset(aug, args.num_augs, args.seed, view_sizes, cap_sizes, args.max_pixels, args.alt_captions)
     bar = _progress_bar(args.progress, rank)
-    tasks = _tasks(todo, args.batch_size, bar)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
-        sampler=tasks,  # type: ignore[arg-type]  # any iterable of indices works
+        sampler=_tasks(todo, args.batch_size, bar),  # type: ignore[arg-type]  # any iterable of indices works
         num_workers=args.num_workers,
         collate_fn=_identity,
-        pin_memory=device.type == "cuda",
+        pin_memory=encoder.device.type == "cuda",
         worker_init_fn=_worker_init if args.num_workers > 0 else None,
         prefetch_factor=2 if args.num_workers > 0 else None,
     )
-    encoder = _Encoder(ens, caps, device, args)
     input_names = {s.index: s.name for s in todo}
-    teach_bytes = json.dumps(teach, separators=(",", ":")).encode()
-
-    stats = Counter()
-    skipped_total: Counter = Counter()
-    writer: TarShardWriter | None = None
-    shard_skips: Counter = Counter()
-    shard_skipped_uids: list[list[str]] = []
-    shard_uids: set[str] = set()
-    t_loop = time.perf_counter()
+    totals = _Totals()
+    shard: _ShardOut | None = None
     try:
         with torch.inference_mode():
-            for item in loader:
-                shard_idx, batch_idx, num_batches = item["task"]
-                if writer is None:
-                    writer = TarShardWriter(out / shard_name(shard_idx))
-                    shard_skips, shard_skipped_uids, shard_uids = Counter(), [], set()
-                for uid, reason in item["skipped"]:
-                    shard_skips[reason] += 1
-                    if len(shard_skipped_uids) < _MAX_LISTED_SKIPS:
-                        shard_skipped_uids.append([uid, reason])
-                samples = item["samples"]
-                if samples:
-                    _write_batch(
-                        writer,
-                        item,
-                        encoder,
-                        args,
-                        shard_idx,
-                        batch_idx,
-                        teach_bytes,
-                        syn_keys,
-                        shard_uids,
-                        shard_skips,
-                        shard_skipped_uids,
-                    )
-                bar.update(len(samples) + len(item["skipped"]))
-                _logger.debug("shard %d: wrote batch %d/%d", shard_idx, batch_idx + 1, num_batches)
-                if batch_idx == num_batches - 1:
-                    writer.close()
-                    path = out / shard_name(shard_idx)
-                    sidecar = {
-                        "shard": shard_name(shard_idx),
-                        "input": input_names[shard_idx],
-                        "num_samples": writer.count,
-                        "sha256": sha256_file(path),
-                        "bytes": path.stat().st_size,
-                        "skipped": dict(sorted(shard_skips.items())),
-                        "skipped_uids": shard_skipped_uids,
-                        "rank": rank,
-                        "batch_size": args.batch_size,
-                    }
-                    atomic_write_json(_sidecar_path(out, shard_idx), sidecar)
-                    stats["written"] += writer.count
-                    stats["shards_done"] += 1
-                    skipped_total.update(shard_skips)
-                    writer = None
+            for batch in loader:
+                task = batch.task
+                if shard is None:
+                    shard = _ShardOut(out, task.shard, input_names[task.shard])
+                for uid, reason in batch.skipped:
+                    shard.skip(uid, reason)
+                if batch.samples:
+                    for uid, members in encoder.encode(batch):
+                        shard.add(uid, members)
+                bar.update(len(batch.samples) + len(batch.skipped))
+                _logger.debug("shard %d: wrote batch %d/%d", task.shard, task.batch + 1, task.num_batches)
+                if task.batch == task.num_batches - 1:
+                    written, skips = shard.finish(rank, args.batch_size)
+                    totals.written += written
+                    totals.shards_done += 1
+                    totals.skipped.update(skips)
+                    shard = None
     finally:
-        if writer is not None:
-            writer.abort()
+        if shard is not None:
+            shard.abort()
         bar.close()
         dataset.close()
-    loop_time = time.perf_counter() - t_loop
-    progress = rebuild_manifest(out)
-    processed = stats["written"] + sum(skipped_total.values())
-    summary = {
-        "out": str(out),
-        "rank": rank,
-        "world_size": world,
-        "device": str(device),
-        "teachers": ens.names,
-        "written": stats["written"],
-        "skipped": dict(sorted(skipped_total.items())),
-        "shards_done": stats["shards_done"],
-        "shards_resumed": resumed,
-        "shards_owned": len(owned),
-        "shards_total": len(shards),
-        "views_per_image": args.num_augs,
-        "images_per_s": round(processed / loop_time, 2) if processed else None,
-        "views_per_s": round(stats["written"] * args.num_augs / loop_time, 2) if processed else None,
-        "wall_time_s": round(time.perf_counter() - t_start, 2),
-        "dataset_complete": progress.get("complete", False),
-        "dataset_samples": progress.get("num_samples"),
-    }
-    _logger.info("build-data summary: %s", summary)
-    return summary
+    return totals
 
 
-def _write_batch(
-    writer: TarShardWriter,
-    item: dict,
-    encoder: _Encoder,
-    args: BuildArgs,
-    shard_idx: int,
-    batch_idx: int,
-    teach_bytes: bytes,
-    syn_keys: list[str],
-    shard_uids: set[str],
-    shard_skips: Counter,
-    shard_skipped_uids: list[list[str]],
-) -> None:
-    samples = item["samples"]
-    n, k = len(samples), args.num_augs
-    # [n * K, sum(D)] -> [n, K, sum(D)]: views are sample-major (all K views of sample 0 first)
-    image_emb = encoder.images(item["views"]).reshape(n, k, -1).numpy()
-    generated = encoder.captions(item["cap_views"], _batch_seed(args.seed, shard_idx, batch_idx))
-    # Per sample: its syn.json dict, in key order (captioners, then the alternative real captions).
-    syn_docs: list[dict[str, list[str]]] = []
-    for i, s in enumerate(samples):
-        doc = {key: caps_i[i] for key, caps_i in zip(syn_keys, generated, strict=True) if caps_i[i]}
-        if s["alt"]:
-            doc[ALT_SYN_KEY] = s["alt"]
-        syn_docs.append(doc)
-    # One text forward for every caption of the batch: real captions first, then each sample's syn lists.
-    texts = [s["caption"] for s in samples]
-    for doc in syn_docs:
-        for caps in doc.values():
-            texts.extend(caps)
-    text_emb = encoder.texts(texts).numpy()
-    offset = n
-    for i, s in enumerate(samples):
-        emb = {
-            schema.IMAGE_EMB: image_emb[i].astype(np.float16),
-            schema.TEXT_EMB: text_emb[i : i + 1].astype(np.float16),
-        }
-        for key, caps in syn_docs[i].items():
-            emb[schema.syn_emb_name(key)] = text_emb[offset : offset + len(caps)].astype(np.float16)
-            offset += len(caps)
-        if s["uid"] in shard_uids:
-            shard_skips["duplicate_uid"] += 1
-            if len(shard_skipped_uids) < _MAX_LISTED_SKIPS:
-                shard_skipped_uids.append([s["uid"], "duplicate_uid"])
-            continue
-        shard_uids.add(s["uid"])
-        writer.write(s["uid"], _sample_members(s, syn_docs[i], emb, teach_bytes, args.keep_images))
-
-
-def _tasks(shards: list[InputShard], batch_size: int, bar: Any) -> Iterator[_Task]:
+def _tasks(shards: list[InputShard], batch_size: int, bar: tqdm) -> Iterator[_Task]:
     """Batches of each shard in order; shards are indexed lazily (headers only) as the loader asks for work."""
     seen = 0
     for n, shard in enumerate(shards):
@@ -834,17 +922,19 @@ def _tasks(shards: list[InputShard], batch_size: int, bar: Any) -> Iterator[_Tas
             yield _Task(shard.index, shard.kind, shard.path, b, num_batches, chunk)
 
 
-def _progress_bar(enabled: bool, rank: int) -> Any:
-    from tqdm.auto import tqdm
-
+def _progress_bar(enabled: bool, rank: int) -> tqdm:
     # NOTE: mininterval keeps non-interactive logs (SLURM) from filling up with bar redraws.
     return tqdm(total=0, unit="img", desc=f"build-data[{rank}]", disable=not enabled, dynamic_ncols=True, mininterval=2)
 
 
 def _cleanup_tmp(root: Path, names: set[str]) -> None:
-    """Delete partial shards (`<name>.tmp-<pid>`) left by a killed run, for the shards this rank will rebuild."""
+    """Delete partial shards (`<name>.tmp-<pid>`) left by a killed run, for the shards this rank will rebuild.
+
+    Only this rank's own shards: a temp of another rank may belong to a live writer on another node, whose pid
+    means nothing here (so `mcd_common.files.remove_stale_temps` is not used).
+    """
     for path in root.iterdir():
-        base, sep, _ = path.name.partition(".tmp-")
+        base, sep, _ = path.name.partition(TMP_MARK)
         if sep and base in names:
             _logger.info("removing partial shard %s from an interrupted run", path.name)
             path.unlink(missing_ok=True)

@@ -21,12 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mcd_common.files import atomic_path, atomic_write_bytes
+
 __all__ = [
+    "DEFAULT_CORPUS_DIR",
     "COLOURS",
     "SHAPES",
     "SIZES",
     "ZEROSHOT_TEMPLATES",
     "CorpusCfg",
+    "default_corpus",
     "render_scene",
     "ensure_shapes_corpus",
     "shapes_classes",
@@ -236,22 +240,25 @@ def _encode_jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_shard(path: Path, samples: list[tuple[str, bytes, str, dict]]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for key, jpg, txt, meta in samples:
             for ext, data in (("jpg", jpg), ("txt", txt.encode()), ("json", json.dumps(meta).encode())):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 info.mtime = 0  # NOTE: fixed mtime keeps shards byte-identical across runs
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+
+
+DEFAULT_CORPUS_DIR = "~/.cache/mobileclip-distill/shapes"
+"""Where the default corpus is generated when no data is given (build-data, train, eval)."""
+
+
+def default_corpus(corpus_dir: str | os.PathLike = DEFAULT_CORPUS_DIR) -> Path:
+    """Generate (once) the default corpus under `corpus_dir` and return its root (see `ensure_shapes_corpus`)."""
+    root = Path(os.path.expanduser(str(corpus_dir)))
+    ensure_shapes_corpus(root)
+    return root
 
 
 def ensure_shapes_corpus(root: str | os.PathLike) -> dict:
@@ -311,7 +318,7 @@ def write_shapes_corpus(out: str | os.PathLike, cfg: CorpusCfg | None = None) ->
             img = _render_single(cfg.seed, index, cfg.image_size, colour, shape)
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            _atomic_write_bytes(folder / f"{i:04d}.png", buf.getvalue())
+            atomic_write_bytes(folder / f"{i:04d}.png", buf.getvalue())
     meta = {
         "name": "shapes",
         "version": 1,
@@ -321,7 +328,7 @@ def write_shapes_corpus(out: str | os.PathLike, cfg: CorpusCfg | None = None) ->
         "shards": shards,
         "num_samples": {"train": cfg.n_train, "val": cfg.n_val, "zeroshot": len(classes) * cfg.n_zeroshot_per_class},
     }
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     return meta
 
 

@@ -11,27 +11,33 @@ Three input kinds (docs/DESIGN.md, reinforced_data):
   name and cut into virtual shards of `shard_size` images;
 - the embedded shapes corpus (`shapes.py`), the default when no input is given.
 
-Shards are indexed lazily (tar headers only, no pixel data), so memory stays bounded by what the caller keeps.
+Tar members are grouped into samples by `mcd_common.tars` (webdataset's rule; duplicate keys are reported there,
+never merged). Shards are indexed lazily (tar headers only, no pixel data), so memory stays bounded by what the
+caller keeps.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
+import braceexpand
+
+from mcd_common.errors import UsageError
+from mcd_common.tars import IndexedSample, TarReader, TarStats, index_tar
 from reinforced_data import schema
+from reinforced_data.shapes import DEFAULT_CORPUS_DIR, ensure_shapes_corpus
 
 __all__ = [
+    "CheckedCaption",
     "InputShard",
     "RawSample",
     "SampleRef",
@@ -39,6 +45,7 @@ __all__ = [
     "index_shard",
     "iter_samples",
     "load_captions",
+    "manifest_shards",
     "read_sample",
     "resolve_inputs",
 ]
@@ -48,7 +55,6 @@ _logger = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "image_path", "path", "img")
 _CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "sentence", "raw")
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key = path up to the first dot
 _UID_BAD = re.compile(r"[^A-Za-z0-9_\-/]+")
 
 
@@ -77,11 +83,16 @@ class InputShard:
 
 @dataclass(frozen=True)
 class SampleRef:
-    """Where one sample lives: tar member `(offset, size)` by extension, or a folder item."""
+    """Where one sample lives: its tar members `(ext, offset, size)` (see `mcd_common.tars`), or a folder item."""
 
     key: str
     members: tuple[tuple[str, int, int], ...] = ()
     item: FolderItem | None = None
+
+    @property
+    def indexed(self) -> IndexedSample:
+        """The tar sample this ref points at."""
+        return IndexedSample(self.key, self.members)
 
 
 @dataclass
@@ -94,29 +105,38 @@ class RawSample:
     captions: list[str] = field(default_factory=list)
     """All real captions when the input has several (the first is `caption`)."""
     url: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
     """Input metadata (the tar's `json` member, or the folder item's path)."""
     error: str | None = None
     """Skip reason found while reading (e.g. `missing_image`)."""
 
 
-def check_caption(caption: str | bytes | None) -> tuple[str | None, str]:
+class CheckedCaption(NamedTuple):
+    """A caption after `check_caption`: why it must be skipped (None when usable) and its normalised text."""
+
+    skip_reason: str | None
+    """`no_caption`, `caption_not_utf8`, `empty_caption`, or None for a usable caption."""
+    text: str
+    """Whitespace-normalised caption ("" when skipped)."""
+
+
+def check_caption(caption: str | bytes | None) -> CheckedCaption:
     """Validate a caption: `(skip reason or None, whitespace-normalised caption)`.
 
     Reasons: `no_caption`, `caption_not_utf8` (bytes, or lone surrogates from a captions file), `empty_caption`.
     """
     if caption is None:
-        return "no_caption", ""
+        return CheckedCaption("no_caption", "")
     if isinstance(caption, bytes):
-        return "caption_not_utf8", ""
+        return CheckedCaption("caption_not_utf8", "")
     try:
         caption.encode("utf-8")  # lone surrogates (undecodable bytes in a captions file) fail here
     except UnicodeEncodeError:
-        return "caption_not_utf8", ""
+        return CheckedCaption("caption_not_utf8", "")
     text = " ".join(caption.split())
     if not text:
-        return "empty_caption", ""
-    return None, text
+        return CheckedCaption("empty_caption", "")
+    return CheckedCaption(None, text)
 
 
 def sanitize_uid(key: str) -> str:
@@ -128,9 +148,8 @@ def sanitize_uid(key: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- inputs
 
 
-def _expand(spec: str) -> list[str]:
-    import braceexpand
-
+def expand_paths(spec: str) -> list[str]:
+    """Paths of a spec: `::`-joined parts, each brace-expanded (`{000..009}`), globs sorted, `~` expanded."""
     out: list[str] = []
     for part in spec.split("::"):
         part = os.path.expanduser(part.strip())
@@ -144,20 +163,56 @@ def _expand(spec: str) -> list[str]:
     return out
 
 
+def manifest_shards(root: str | os.PathLike) -> list[str]:
+    """The shard paths a dataset root's `manifest.jsonl` lists, in its order.
+
+    Reads our lines (`{"shard": "00000000.tar", "num_samples", ...}`) and RayGen's (`{"shard": "00000000",
+    "num_uids"}`: no `.tar` suffix, apple/ml-mobileclip-dr `scripts/gen.py`). Tars in the root that the manifest
+    does not list (a build killed before recording them) are left out, with a warning.
+
+    Raises:
+        UsageError: On a line that is not JSON or names no shard.
+    """
+    root = Path(os.path.expanduser(str(root)))
+    out: list[str] = []
+    for n, line in enumerate((root / schema.MANIFEST_FILE).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            shard = json.loads(line)["shard"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{root / schema.MANIFEST_FILE}:{n}: expected a JSON object with a 'shard' name") from None
+        path = root / str(shard)
+        if not path.is_file() and not str(shard).endswith(".tar"):
+            path = root / f"{shard}.tar"  # RayGen writes the name without the suffix
+        out.append(str(path))
+    unlisted = sorted(set(str(p) for p in root.glob("*.tar")) - set(out))
+    if unlisted:
+        _logger.warning(
+            "%d tar(s) in %s are not listed in %s and are ignored, e.g. %s",
+            len(unlisted),
+            root,
+            schema.MANIFEST_FILE,
+            unlisted[0],
+        )
+    return out
+
+
 def resolve_inputs(
     input: str | os.PathLike | None = None,
     *,
     captions: str | os.PathLike | None = None,
     split_file: str | os.PathLike | None = None,
     shard_size: int = 1000,
-    corpus_dir: str | os.PathLike = "~/.cache/mobileclip-distill/shapes",
+    corpus_dir: str | os.PathLike = DEFAULT_CORPUS_DIR,
     corpus_split: str = "train",
 ) -> list[InputShard]:
     """Resolve an input spec into ordered input shards.
 
     Args:
-        input: Tar paths (brace patterns, globs, `::`-joined lists, or a directory of tars), an image folder, a
-            directory with `images/` + `captions.csv|jsonl`, or None / "shapes" for the embedded corpus.
+        input: Tar paths (brace patterns, globs, `::`-joined lists, or a directory of tars: a dataset root with a
+            `manifest.jsonl` gives the shards it lists, see `manifest_shards`), an image folder, a directory with
+            `images/` + `captions.csv|jsonl`, or None / "shapes" for the embedded corpus.
         captions: Captions file for an image folder.
         split_file: Image names to keep (one per line), e.g. flickr8k `splits/train.txt`.
         shard_size: Images per virtual shard of a folder input.
@@ -166,25 +221,24 @@ def resolve_inputs(
         corpus_split: Corpus split to use ("train" or "val").
 
     Raises:
-        FileNotFoundError: When the spec matches nothing.
-        ValueError: On an inconsistent spec (e.g. a folder without captions).
+        UsageError: When the spec matches nothing, or on an inconsistent spec (e.g. a folder without captions).
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise UsageError(f"--build.shard_size must be >= 1, got {shard_size}")
     spec = None if input is None else str(input)
     if spec is None or spec in ("shapes", "shapes:train", "shapes:val"):
-        from reinforced_data.shapes import ensure_shapes_corpus
-
         split = spec.split(":", 1)[1] if spec and ":" in spec else corpus_split
         root = Path(os.path.expanduser(str(corpus_dir)))
         meta = ensure_shapes_corpus(root)
         paths = [str(root / p) for p in meta["shards"][split]]
         return [InputShard(index=k, name=p, kind="tar", path=p) for k, p in enumerate(paths)]
 
-    paths = _expand(spec)
+    paths = expand_paths(spec)
     if not paths:
-        raise FileNotFoundError(f"--input {spec!r} matches no file")
-    if len(paths) == 1 and os.path.isdir(paths[0]):
+        raise UsageError(f"--input {spec!r} matches no file")
+    if len(paths) == 1 and os.path.isdir(paths[0]) and (Path(paths[0]) / schema.MANIFEST_FILE).is_file():
+        paths = manifest_shards(paths[0])
+    elif len(paths) == 1 and os.path.isdir(paths[0]):
         folder = Path(paths[0])
         tars = sorted(str(p) for p in folder.glob("*.tar"))
         if tars and captions is None:
@@ -193,7 +247,7 @@ def resolve_inputs(
             return _folder_shards(folder, captions, split_file, shard_size)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"--input: {len(missing)} shard(s) not found, e.g. {missing[0]!r}")
+        raise UsageError(f"--input: {len(missing)} shard(s) not found, e.g. {missing[0]!r}")
     if split_file is not None:
         _logger.warning("--split_file applies to image folders only; ignored for tar shards")
     return [InputShard(index=k, name=p, kind="tar", path=p) for k, p in enumerate(paths)]
@@ -210,7 +264,7 @@ def _folder_shards(
                 captions = folder / name
                 break
         if captions is None:
-            raise ValueError(
+            raise UsageError(
                 f"--input {str(folder)!r} is an image folder: pass --captions FILE (CSV `image,caption` or JSONL)"
             )
     if (folder / "images").is_dir() and not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir()):
@@ -220,14 +274,14 @@ def _folder_shards(
         keep = {line.strip() for line in Path(split_file).read_text().splitlines() if line.strip()}
         table = {k: v for k, v in table.items() if k in keep or os.path.basename(k) in keep}
         if not table:
-            raise ValueError(f"--split_file {str(split_file)!r} keeps none of the {len(keep)} listed images")
+            raise UsageError(f"--split_file {str(split_file)!r} keeps none of the {len(keep)} listed images")
     names = sorted(table)
     shards = []
     for k, start in enumerate(range(0, len(names), shard_size)):
         items = tuple(FolderItem(n, tuple(table[n])) for n in names[start : start + shard_size])
         shards.append(InputShard(index=k, name=f"{image_dir}#{k}", kind="folder", path=str(image_dir), items=items))
     if not shards:
-        raise ValueError(f"captions file {str(captions)!r} lists no image")
+        raise UsageError(f"captions file {str(captions)!r} lists no image")
     return shards
 
 
@@ -236,7 +290,7 @@ def _pick_column(header: list[str], options: tuple[str, ...], what: str, path: s
     for opt in options:
         if opt in lowered:
             return lowered.index(opt)
-    raise ValueError(f"captions file {path!r}: no {what} column (expected one of {options}, got {header})")
+    raise UsageError(f"captions file {path!r}: no {what} column (expected one of {options}, got {header})")
 
 
 def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -258,14 +312,14 @@ def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
                 img_key = next((k for k in _IMAGE_COLUMNS if k in obj), None)
                 cap_key = next((k for k in _CAPTION_COLUMNS if k in obj), None)
                 if img_key is None or cap_key is None:
-                    raise ValueError(f"{path}:{n}: needs an image key {_IMAGE_COLUMNS} and a caption key")
+                    raise UsageError(f"{path}:{n}: needs an image key {_IMAGE_COLUMNS} and a caption key")
                 caps = obj[cap_key] if isinstance(obj[cap_key], list) else [obj[cap_key]]
                 table.setdefault(str(obj[img_key]), []).extend("" if c is None else str(c) for c in caps)
         else:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
-                raise ValueError(f"captions file {path!r} is empty")
+                raise UsageError(f"captions file {path!r} is empty")
             ci = _pick_column(header, _IMAGE_COLUMNS, "image", path)
             cc = _pick_column(header, _CAPTION_COLUMNS, "caption", path)
             for row in reader:
@@ -278,33 +332,15 @@ def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------------------------------------- reading
 
 
-def index_shard(shard: InputShard) -> list[SampleRef]:
+def index_shard(shard: InputShard, stats: TarStats | None = None) -> list[SampleRef]:
     """List a shard's samples in order (tar headers only; no image data is read).
 
-    Tar members are grouped into samples with webdataset's rule (key = path up to the first dot of the basename,
-    consecutive members of one key form a sample).
+    Tar members are grouped by `mcd_common.tars` (webdataset's rule); a key that repeats is a separate sample,
+    counted in `stats.duplicates`.
     """
     if shard.kind == "folder":
         return [SampleRef(key=sanitize_uid(os.path.splitext(it.image)[0]), item=it) for it in shard.items]
-    refs: list[SampleRef] = []
-    key: str | None = None
-    members: list[tuple[str, int, int]] = []
-    with tarfile.open(shard.path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            m = _KEY_RE.match(info.name)
-            if m is None:
-                continue
-            k, ext = m.group(1), m.group(2).lower()
-            if k != key:
-                if key is not None:
-                    refs.append(SampleRef(key=key, members=tuple(members)))
-                key, members = k, []
-            members.append((ext, info.offset_data, info.size))
-    if key is not None:
-        refs.append(SampleRef(key=key, members=tuple(members)))
-    return refs
+    return [SampleRef(key=s.key, members=s.members) for s in index_tar(shard.path, stats=stats)]
 
 
 def _str_or_bytes(data: bytes) -> str | bytes:
@@ -314,31 +350,24 @@ def _str_or_bytes(data: bytes) -> str | bytes:
         return data
 
 
-def read_sample(shard: InputShard, ref: SampleRef, fileobj: io.BufferedReader | None = None) -> RawSample:
+def read_sample(shard: InputShard, ref: SampleRef, reader: TarReader | None = None) -> RawSample:
     """Read one sample's bytes.
 
     Args:
         shard: The shard `ref` comes from.
         ref: From `index_shard(shard)`.
-        fileobj: An open binary handle on the tar (reuse one per worker); opened and closed here when None.
+        reader: Open tar handles to reuse (one per worker); a temporary one is used when None.
     """
     if ref.item is not None:
         return _read_folder_item(shard, ref)
-    own = fileobj is None
-    f = open(shard.path, "rb") if own else fileobj
-    try:
-        data: dict[str, bytes] = {}
-        for ext, offset, size in ref.members:
-            f.seek(offset)
-            data[ext] = f.read(size)
-    finally:
-        if own:
-            f.close()
-    return _from_members(ref.key, data)
+    if reader is None:
+        with TarReader() as own:
+            return _from_members(ref.key, own.read_sample(shard.path, ref.indexed))
+    return _from_members(ref.key, reader.read_sample(shard.path, ref.indexed))
 
 
 def _from_members(key: str, data: dict[str, bytes]) -> RawSample:
-    meta: dict[str, Any] = {}
+    meta: dict[str, object] = {}
     if schema.KEY_JSON in data:
         try:
             parsed = json.loads(data[schema.KEY_JSON])
@@ -354,8 +383,9 @@ def _from_members(key: str, data: dict[str, bytes]) -> RawSample:
     elif isinstance(meta.get("text"), str):
         caption = meta["text"]
     captions: list[str] = []
-    if isinstance(meta.get("captions"), list):
-        captions = [c for c in meta["captions"] if isinstance(c, str)]
+    listed = meta.get("captions")
+    if isinstance(listed, list):
+        captions = [c for c in listed if isinstance(c, str)]
     url = None
     if schema.KEY_URL in data:
         url = data[schema.KEY_URL].decode("utf-8", errors="replace").strip()
@@ -387,10 +417,6 @@ def _read_folder_item(shard: InputShard, ref: SampleRef) -> RawSample:
 def iter_samples(shard: InputShard) -> Iterator[RawSample]:
     """Stream a shard's samples in order (one open file, one sample in memory at a time)."""
     refs = index_shard(shard)
-    if shard.kind == "folder":
+    with TarReader() as reader:
         for ref in refs:
-            yield read_sample(shard, ref)
-        return
-    with open(shard.path, "rb") as f:
-        for ref in refs:
-            yield read_sample(shard, ref, f)
+            yield read_sample(shard, ref, reader)

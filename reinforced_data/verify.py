@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from mcd_common.files import is_temp_name, sha256_bytes, sha256_file
+from mcd_common.tars import iter_tar_samples
 from reinforced_data import schema
-from reinforced_data._io import decode_npz, sha256_bytes, sha256_file
-from reinforced_data.augment import decode_param_aug, parse_record
+from reinforced_data._io import decode_npz
+from reinforced_data.augment import DATACOMPDR_LAYOUT, RecordLayout, decode_param_aug, decode_record
 
 __all__ = ["verify_dataset"]
 
@@ -37,28 +39,6 @@ class _Report:
         self.count += 1
         if len(self.problems) < _MAX_LISTED:
             self.problems.append(msg)
-
-
-def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    # Consecutive members with the same key form a sample (webdataset's grouping rule).
-    key, sample = None, {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = os.path.basename(info.name)
-            if "." not in base:
-                continue
-            k = info.name[: len(info.name) - len(base)] + base.split(".", 1)[0]
-            ext = base.split(".", 1)[1].lower()
-            if key is not None and k != key:
-                yield key, sample
-                sample = {}
-            key = k
-            f = tar.extractfile(info)
-            sample[ext] = f.read() if f is not None else b""
-    if key is not None:
-        yield key, sample
 
 
 def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
@@ -89,27 +69,18 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
         except ValueError as exc:
             rep.add(f"{schema.TEACH_FILE}: {exc}")
     width = max((s.stop for s in slices.values()), default=None)
+    version = int((teach or {}).get("schema_version", 1))
     num_augs = config.get("num_samples") if config else None
+    layout = _layout(config, rep)
     expected_shards = (config or {}).get("build", {}).get("num_input_shards")
 
-    manifest_path = root / schema.MANIFEST_FILE
-    entries: list[dict] = []
-    if not manifest_path.is_file():
-        rep.add(f"{schema.MANIFEST_FILE} is missing")
-    else:
-        for n, line in enumerate(manifest_path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                rep.add(f"{schema.MANIFEST_FILE}:{n}: not JSON")
+    entries = _manifest_entries(root / schema.MANIFEST_FILE, rep)
     if expected_shards is not None and len(entries) != expected_shards:
         rep.add(f"incomplete dataset: {len(entries)} of {expected_shards} shards in the manifest")
 
     listed = {e.get("shard") for e in entries}
     for path in sorted(root.iterdir()):
-        if ".tmp-" in path.name:
+        if is_temp_name(path.name):
             rep.add(f"{path.name}: partial file left by an interrupted run (rerun build-data to finish)")
         elif path.suffix == ".tar" and path.name not in listed:
             rep.add(f"{path.name}: shard not listed in {schema.MANIFEST_FILE}")
@@ -126,9 +97,15 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
             rep.add(f"{name}: sha256 differs from the manifest (corrupted or modified shard)")
         count = 0
         try:
-            for key, sample in _samples(path):
+            for sample in iter_tar_samples(path):
+                key = sample.key
                 count += 1
-                _check_sample(f"{name}:{key}", key, sample, slices, width, num_augs, teach_bytes_ok, norm_tol, rep)
+                where = f"{name}:{key}"
+                _check_members(where, key, sample.members, teach_bytes_ok, rep)
+                if version >= 2:
+                    _check_apple_reads(where, sample.members, rep)
+                records = _check_records(where, sample.members, num_augs, layout, rep)
+                _check_embeddings(where, sample.members, records, slices, width, norm_tol, rep)
                 if key in seen_uids:
                     rep.add(f"{name}:{key}: duplicate uid")
                 seen_uids.add(key)
@@ -138,6 +115,32 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
             rep.add(f"{name}: {count} samples, manifest says {entry.get('num_samples')}")
         result["samples"] += count
     return _finish(result, rep)
+
+
+def _layout(config: dict | None, rep: _Report) -> RecordLayout:
+    image_aug = (config or {}).get("reinforce", {}).get("image_augmentation")
+    if not isinstance(image_aug, dict):
+        return DATACOMPDR_LAYOUT
+    try:
+        return RecordLayout.from_config(image_aug)
+    except ValueError as exc:
+        rep.add(f"{schema.CONFIG_FILE}: reinforce.image_augmentation: {exc}")
+        return DATACOMPDR_LAYOUT
+
+
+def _manifest_entries(path: Path, rep: _Report) -> list[dict]:
+    entries: list[dict] = []
+    if not path.is_file():
+        rep.add(f"{schema.MANIFEST_FILE} is missing")
+        return entries
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            rep.add(f"{schema.MANIFEST_FILE}:{n}: not JSON")
+    return entries
 
 
 def _finish(result: dict, rep: _Report) -> dict:
@@ -169,17 +172,8 @@ def _load_json(path: Path, rep: _Report) -> dict | None:
     return obj
 
 
-def _check_sample(
-    where: str,
-    key: str,
-    sample: dict[str, bytes],
-    slices: dict[str, slice],
-    width: int | None,
-    num_augs: int | None,
-    teach: dict | None,
-    norm_tol: float,
-    rep: _Report,
-) -> None:
+def _check_members(where: str, key: str, sample: dict[str, bytes], teach: dict | None, rep: _Report) -> None:
+    """Required members, the json metadata, the image checksum, the caption and the per-sample teach.json."""
     meta: dict = {}
     if schema.KEY_JSON in sample:
         try:
@@ -212,16 +206,49 @@ def _check_sample(
                 rep.add(f"{where}: teach.json differs from the dataset's")
         except ValueError:
             rep.add(f"{where}: teach.json is not valid JSON")
+
+
+def _check_apple_reads(where: str, sample: dict[str, bytes], rep: _Report) -> None:
+    """What Apple's v2 loader needs (`schema` docstring): a `syn.json` with a non-empty `^syn_text.*$` list."""
+    if schema.KEY_SYN not in sample:
+        rep.add(f"{where}: no syn.json (Apple's loader reads it unconditionally)")
+        return
+    try:
+        syn = json.loads(sample[schema.KEY_SYN])
+    except ValueError:
+        return  # reported with the embeddings
+    regex = re.compile(schema.APPLE_SYN_KEY_REGEX)
+    if not isinstance(syn, dict) or not any(regex.match(k) and isinstance(v, list) and v for k, v in syn.items()):
+        rep.add(f"{where}: syn.json has no non-empty {schema.APPLE_SYN_KEY_REGEX} list (Apple's loader needs one)")
+
+
+def _check_records(
+    where: str, sample: dict[str, bytes], num_augs: int | None, layout: RecordLayout, rep: _Report
+) -> list:
+    """The augmentation records (decoded by the config's layout, counted against it); [] when unreadable."""
     records: list = []
     if schema.KEY_PAUG in sample:
         try:
             records = decode_param_aug(sample[schema.KEY_PAUG])
             for rec in records:
-                parse_record(rec)
+                decode_record(rec, layout)
         except ValueError as exc:
             rep.add(f"{where}: bad paug.json ({exc})")
         if num_augs is not None and len(records) != num_augs:
             rep.add(f"{where}: {len(records)} augmentation records, config says {num_augs}")
+    return records
+
+
+def _check_embeddings(
+    where: str,
+    sample: dict[str, bytes],
+    records: list,
+    slices: dict[str, slice],
+    width: int | None,
+    norm_tol: float,
+    rep: _Report,
+) -> None:
+    """npz arrays: one per caption list, float16, `[rows, width]`, finite, unit norm per teacher slice."""
     syn: dict = {}
     if schema.KEY_SYN in sample:
         try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.evaluate import CaptionSet, ImageFolderSet, evaluate, retrieval_metrics, zeroshot_classifier
+from distill.evaluate import CaptionSet, ImageFolderSet, evaluate, load_image, retrieval_metrics, zeroshot_classifier
 
 
 def _naive_recall(img, txt, owner, k):
@@ -87,3 +87,69 @@ def test_evaluate_teacher_and_student_end_to_end(tmp_path, tiny_corpus):
     assert json.loads((tmp_path / "t.json").read_text())["model"] == "test_tiny_ensemble"
     with pytest.raises(ValueError, match="exactly one"):
         evaluate()
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["rgba", "16bit", "palette"])
+def test_eval_and_calibration_see_the_training_picture(tmp_path, kind):
+    """`distill eval` decoded with PIL's convert("RGB"): a 16-bit PNG became a different (clipped) picture."""
+    import numpy as np
+    from PIL import Image
+
+    from export.api import load_calibration_images
+    from mcd_common.images import center_view, decode_image, to_uint8_tensor
+    from reinforced_data import ImageTextDataset, resolve_inputs
+
+    rng = np.random.default_rng(0)
+    if kind == "16bit":
+        img = Image.fromarray(rng.integers(0, 65535, size=(30, 40), dtype=np.uint16))
+    elif kind == "rgba":
+        img = Image.fromarray(rng.integers(0, 256, size=(30, 40, 4), dtype=np.uint8), "RGBA")
+    else:
+        img = Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)).convert("P")
+    data = _png(img)
+    train = to_uint8_tensor(center_view(decode_image(data), 16, "bilinear"))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(data)
+    assert torch.equal(load_image(data, 16, "bilinear"), train)
+    assert torch.equal(load_image(tmp_path / "imgs" / "a.png", 16, "bilinear"), train)
+    (calib,) = load_calibration_images(tmp_path / "imgs", 16, count=1, interpolation="bilinear")
+    assert torch.equal((calib[0] * 255).round().to(torch.uint8), train)
+    (tmp_path / "caps.csv").write_text("image,caption\na.png,a picture\n")
+    shards = resolve_inputs(tmp_path / "imgs", captions=tmp_path / "caps.csv")
+    plain = ImageTextDataset(shards, lambda t: torch.zeros(len(t), 4), 16, "bilinear", None, seed=0)[(0, 0)]
+    assert torch.equal(plain["image"], train)
+
+
+def test_caption_tars_are_grouped_by_the_shared_rule(tmp_path):
+    """Retrieval tars were grouped with partition(".") over the whole tar: a repeated key was merged away."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    jpg = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(jpg, format="JPEG")
+    members = [
+        ("a.jpg", jpg.getvalue()),
+        ("a.json", json.dumps({"captions": ["first a", "other a"]}).encode()),
+        ("b.jpg", jpg.getvalue()),
+        ("b.txt", b"only b"),
+        ("a.jpg", jpg.getvalue()),  # the key "a" again, later in the tar: its own sample
+        ("a.txt", b"second a"),
+    ]
+    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cs = CaptionSet(tmp_path / "val.tar", 16)
+    assert [cs[i]["captions"] for i in range(len(cs))] == [["first a", "other a"], ["only b"], ["second a"]]
+    assert cs[2]["image"].shape == (3, 16, 16)

@@ -63,8 +63,9 @@ def test_flickr8k_recipes_smoke_end_to_end(tmp_path: Path) -> None:
     for which in ("real", "syn"):
         progress = json.loads((work / "data" / which / "progress.json").read_text())
         assert progress["complete"] and progress["num_samples"] == 48
-    # `real` holds only real captions; `syn` adds the captioner's under `syn_text`.
-    for which, keys in (("real", {"syn_text_alt"}), ("syn", {"syn_text", "syn_text_alt"})):
+    # `real` holds only real captions (other human captions under `alt_text`, the real one as the `syn_text_gt`
+    # placeholder Apple's loader needs); `syn` adds the captioner's under `syn_text`.
+    for which, keys in (("real", {"syn_text_gt", "alt_text"}), ("syn", {"syn_text", "alt_text"})):
         with tarfile.open(sorted((work / "data" / which).glob("*.tar"))[0]) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith(".syn.json"))
             assert set(json.loads(tar.extractfile(member).read())) == keys

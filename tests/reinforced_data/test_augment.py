@@ -1,8 +1,7 @@
-"""Augmentation records: format, op table, replay against torchvision, image decoding."""
+"""Augmentation records: format, op table, replay against torchvision (image decoding: tests/mcd_common)."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -15,11 +14,10 @@ from torchvision.transforms.autoaugment import _apply_op
 from reinforced_data.augment import (
     OP_NAMES,
     AugmentCfg,
-    ImageDecodeError,
-    decode_image,
+    RecordLayout,
     decode_param_aug,
+    decode_record,
     op_magnitudes,
-    parse_record,
     record_rng,
     replay,
     sample_record,
@@ -103,22 +101,25 @@ def test_replay_matches_torchvision_ops(op: int):
 
 def test_replay_sizes_and_flip():
     img = _image()
-    rec = sample_record(img.width, img.height, record_rng(0, "x", 1), AugmentCfg(crop_size=32, rand_augment=False))
+    cfg = AugmentCfg(crop_size=32, rand_augment=False)
+    rec = sample_record(img.width, img.height, record_rng(0, "x", 1), cfg)
+    crop_only = cfg.record_layout()
+    assert crop_only == RecordLayout(("random_resized_crop",))
     for size in (16, 32, (24, 40)):
-        out = replay(img, rec, size)
+        out = replay(img, rec, size, layout=crop_only)
         expected = (size, size) if isinstance(size, int) else (size[1], size[0])
         assert out.size == expected
-    flipped = replay(img, [rec[0], True], 32)
-    assert np.array_equal(np.asarray(flipped), np.asarray(replay(img, rec, 32))[:, ::-1])
+    flipped = replay(img, [rec[0], True], 32, layout=RecordLayout(("random_resized_crop", "random_horizontal_flip")))
+    assert np.array_equal(np.asarray(flipped), np.asarray(replay(img, rec, 32, layout=crop_only))[:, ::-1])
     # the same record replayed twice is bit-identical
     rec2 = sample_record(img.width, img.height, record_rng(0, "x", 2), AugmentCfg(crop_size=32))
     assert np.array_equal(np.asarray(replay(img, rec2, 48)), np.asarray(replay(img, rec2, 48)))
 
 
-def test_parse_record_rejects_garbage():
-    for bad in ([], [[1, 2, 3]], [[0, 0, 0, 5]], [[0, 0, 4, 4], [[99, 1.0]]], [[0, 0, 4, 4], "x"]):
+def test_decode_record_rejects_garbage():
+    for bad in ([], [[1, 2, 3], None], [[0, 0, 0, 5], None], [[0, 0, 4, 4], [[99, 1.0]]], [[0, 0, 4, 4], "x"]):
         with pytest.raises(ValueError):
-            parse_record(bad)
+            decode_record(bad)
 
 
 def test_decode_param_aug_forms():
@@ -132,46 +133,6 @@ def test_decode_param_aug_forms():
     assert decode_param_aug(json.dumps(json.dumps(doc))) == records
     with pytest.raises(ValueError):
         decode_param_aug({"other": 1})
-
-
-def _encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize(
-    ("mode", "fmt"), [("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG")]
-)
-def test_decode_image_modes_match_webdataset_rgba_path(mode: str, fmt: str):
-    img = _image(20, 10).convert(mode)
-    data = _encode(img, fmt)
-    out = decode_image(data)
-    assert out.mode == "RGB" and out.size == (20, 10)
-    # Apple's loader: webdataset "pilrgba" then .convert("RGB")
-    ref = Image.open(io.BytesIO(data)).convert("RGBA").convert("RGB")
-    assert np.array_equal(np.asarray(out), np.asarray(ref))
-
-
-def test_decode_image_16bit_greyscale_is_scaled():
-    arr = (np.arange(200, dtype=np.uint16).reshape(10, 20) * 300).astype(np.uint16)
-    data = _encode(Image.fromarray(arr), "PNG")
-    out = np.asarray(decode_image(data))
-    assert out.shape == (10, 20, 3) and out.max() > 200 and out[0, 0, 0] == 0
-
-
-def test_decode_image_errors():
-    good = _encode(_image(64, 64), "JPEG")
-    with pytest.raises(ImageDecodeError) as err:
-        decode_image(good[: len(good) // 2])
-    assert err.value.reason == "undecodable"
-    for junk in (b"", b"not an image"):
-        with pytest.raises(ImageDecodeError):
-            decode_image(junk)
-    with pytest.raises(ImageDecodeError) as err:
-        decode_image(good, max_pixels=64 * 63)
-    assert err.value.reason == "too_large"
-    assert decode_image(good, max_pixels=64 * 64).size == (64, 64)
 
 
 def test_augment_cfg_validation():

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from mcd_common.files import sha256_bytes
+from mcd_common.images import decode_image, to_uint8_tensor
 from reinforced_data import BuildArgs, build_data, dist_env, verify_dataset
-from reinforced_data._io import decode_npz, sha256_bytes
-from reinforced_data.augment import AugmentCfg, decode_image, decode_param_aug, replay, to_uint8_tensor
+from reinforced_data._io import decode_npz
+from reinforced_data.augment import AugmentCfg, decode_param_aug, replay
 from reinforced_data.build import _Task, _ViewDataset
 from reinforced_data.schema import teacher_slices
 from reinforced_data.sources import index_shard, resolve_inputs
@@ -56,12 +58,16 @@ def test_every_sample_matches_a_direct_teacher_call(built, tiny_ensemble, datase
         np.testing.assert_allclose(
             arrays["text_emb"].astype(np.float32), _direct_texts(tiny_ensemble, [caption]), atol=ATOL
         )
-        # the corpus has 5 captions per image: the other 4 are stored as syn_text_alt with their embeddings
-        alt = json.loads(m["syn.json"])["syn_text_alt"]
+        # the corpus has 5 captions per image: the other 4 are stored as alt_text with their embeddings
+        syn = json.loads(m["syn.json"])
+        alt = syn["alt_text"]
         assert len(alt) == 4 and caption not in alt
         np.testing.assert_allclose(
-            arrays["syn_text_alt_emb"].astype(np.float32), _direct_texts(tiny_ensemble, alt), atol=ATOL
+            arrays["alt_text_emb"].astype(np.float32), _direct_texts(tiny_ensemble, alt), atol=ATOL
         )
+        # no captioner: the real caption is the placeholder Apple's loader needs, with the text_emb row itself
+        assert syn["syn_text_gt"] == [caption]
+        np.testing.assert_array_equal(arrays["syn_text_gt_emb"], arrays["text_emb"])
 
 
 def test_builder_views_are_the_replayed_views(built, corpus_spec, shard_reader):
@@ -74,14 +80,14 @@ def test_builder_views_are_the_replayed_views(built, corpus_spec, shard_reader):
     dataset = _ViewDataset(aug, 3, 0, (32, 48), (), None, True)
     batch = dataset[_Task(shard.index, shard.kind, shard.path, 0, 1, refs)]
     stored = shard_reader(out / "00000001.tar")
-    assert [s["uid"] for s in batch["samples"]] == [k for k, _ in stored]
+    assert [s.uid for s in batch.samples] == [k for k, _ in stored]
     for n, (_, m) in enumerate(stored):
         img = decode_image(m["jpg"])
         records = decode_param_aug(m["paug.json"])
-        assert records == batch["samples"][n]["records"]
+        assert records == batch.samples[n].records
         for size in (32, 48):
             replayed = torch.stack([to_uint8_tensor(replay(img, r, size)) for r in records])
-            assert torch.equal(batch["views"][size][3 * n : 3 * n + 3], replayed)
+            assert torch.equal(batch.views[size][3 * n : 3 * n + 3], replayed)
         for size in (20, 64):  # any other output size works from the same records
             assert replay(img, records[0], size).size == (size, size)
 
@@ -175,12 +181,12 @@ def test_folder_with_several_captions_and_no_images_kept(tmp_path, image_bytes, 
     assert meta["image_path"] == "2.jpg" and meta["sha256"] == sha256_bytes((root / "images" / "2.jpg").read_bytes())
     assert meta["captions"] == ["first caption 2", "second, caption 2"]  # duplicates dropped
     assert m["txt"].decode() == "first caption 2"
-    assert json.loads(m["syn.json"]) == {"syn_text_alt": ["second, caption 2"]}
+    assert json.loads(m["syn.json"]) == {"syn_text_gt": ["first caption 2"], "alt_text": ["second, caption 2"]}
     arrays = decode_npz(m["npz"])
     ens = {"test_tiny": tiny_ensemble["test_tiny"]}
     with torch.inference_mode():
         expected = ens["test_tiny"].encode_texts(["second, caption 2"]).numpy()
-    np.testing.assert_allclose(arrays["syn_text_alt_emb"].astype(np.float32), expected, atol=ATOL)
+    np.testing.assert_allclose(arrays["alt_text_emb"].astype(np.float32), expected, atol=ATOL)
     assert verify_dataset(out)["ok"]
 
 
@@ -197,7 +203,7 @@ def test_captioner_writes_syn_text_and_its_embeddings(tmp_path, corpus, tiny_ens
     assert summary["written"] == 4
     for _, m in shard_reader(out / "00000000.tar"):
         syn = json.loads(m["syn.json"])
-        assert list(syn) == ["syn_text", "syn_text_alt"]
+        assert list(syn) == ["syn_text", "alt_text"]
         assert 1 <= len(syn["syn_text"]) <= 2 and all(isinstance(c, str) and c for c in syn["syn_text"])
         arrays = decode_npz(m["npz"])
         assert arrays["syn_text_emb"].shape == (len(syn["syn_text"]), 80)
@@ -255,7 +261,8 @@ def test_verify_detects_corruption(tmp_path, built):
 
 def test_verify_checks_norms_and_shapes(tmp_path, built, shard_reader):
     """A shard rewritten with a consistent checksum but bad embeddings is still caught."""
-    from reinforced_data._io import TarShardWriter, encode_npz, sha256_file
+    from mcd_common.files import sha256_file
+    from reinforced_data._io import TarShardWriter, encode_npz
 
     out = tmp_path / "copy"
     shutil.copytree(built[0], out)

@@ -1,4 +1,4 @@
-"""Training-side readers: stored targets per sample, collation, determinism, DataCompDR v1 / pth.gz shards."""
+"""Training samples: stored targets per sample, collation, determinism, DataCompDR v1 / pth.gz shards, plain data."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from mcd_common.images import decode_image, to_uint8_tensor
 from reinforced_data import (
     AugmentCfg,
+    ImageTextDataset,
     ReinforcedDataError,
+    ReinforcedDataset,
+    ReinforcedOptions,
     collate,
-    dataset_info,
-    image_text_pipeline,
-    reinforced_pipeline,
 )
 from reinforced_data._io import decode_npz
-from reinforced_data.augment import decode_image, decode_param_aug, record_rng, replay, sample_record, to_uint8_tensor
+from reinforced_data.augment import decode_param_aug, record_rng, replay, sample_record
 from reinforced_data.schema import teacher_slices
 from reinforced_data.sources import iter_samples, resolve_inputs
 
@@ -46,9 +47,18 @@ def _stored(dataset_samples, root: Path) -> list[tuple[str, dict[str, bytes]]]:
     return list(dataset_samples(root).items())
 
 
+def _reinforced(source, tok, seed: int = 0, **opts) -> ReinforcedDataset:
+    opts.setdefault("image_size", 32)
+    return ReinforcedDataset(resolve_inputs(str(source)), ReinforcedOptions(**opts), tok, seed)
+
+
+def _all(ds, epoch: int = 0) -> list[dict]:
+    return [ds[(i, epoch)] for i in range(len(ds))]
+
+
 def test_samples_carry_the_stored_targets_of_their_view(built, tok, dataset_samples):
     out, _ = built
-    samples = list(reinforced_pipeline(out, image_size=40, tokenize=tok, shuffle=0))
+    samples = _all(_reinforced(out, tok, image_size=40))
     stored = _stored(dataset_samples, out)
     assert len(samples) == len(stored) == 24
     slices = teacher_slices(json.loads((out / "teach.json").read_text())["teachers"])
@@ -70,74 +80,78 @@ def test_samples_carry_the_stored_targets_of_their_view(built, tok, dataset_samp
             np.testing.assert_array_equal(s["teacher_text_features"][name].numpy(), arrays["text_emb"][0, sl])
         assert s["caption"] == m["txt"].decode()
         assert torch.equal(s["text"], tok([s["caption"]])[0])
-        alt = json.loads(m["syn.json"])["syn_text_alt"]
+        alt = json.loads(m["syn.json"])["alt_text"]
         j = alt.index(s["syn_caption"])
         assert torch.equal(s["syn_text"], tok([s["syn_caption"]])[0])
         for name, sl in slices.items():
-            np.testing.assert_array_equal(
-                s["teacher_syn_text_features"][name].numpy(), arrays["syn_text_alt_emb"][j, sl]
-            )
+            np.testing.assert_array_equal(s["teacher_syn_text_features"][name].numpy(), arrays["alt_text_emb"][j, sl])
     assert len(used_augs) > 1  # augmentations are sampled, not always the first
 
 
 def test_collate_through_a_dataloader(built, tok):
-    ds = reinforced_pipeline(built[0], image_size=32, tokenize=tok, shuffle=8)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate)))
+    ds = _reinforced(built[0], tok)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, sampler=[(i, 0) for i in range(10)], collate_fn=collate)
+    batch = next(iter(loader))
     assert set(batch) == KEYS
     assert batch["image"].shape == (5, 3, 32, 32) and batch["text"].shape == (5, 16)
     assert batch["teacher_image_features"]["test_tiny_b"].shape == (5, 48)
     assert batch["teacher_syn_text_features"]["test_tiny"].shape == (5, 32)
     assert isinstance(batch["caption"], list) and len(batch["caption"]) == 5
-    with pytest.raises(ValueError, match="different keys"):
-        collate([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+def test_one_collate_raises_on_mismatched_keys_naming_them():
+    """distill's training loader used to drop the synthetic-caption keys of a batch silently; now it raises."""
+    from distill.data import collate as train_collate
+
+    assert train_collate is collate
+    t = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"lacks \['syn_text'\]"):
+        train_collate([{"text": t, "syn_text": t}, {"text": t}])
+    with pytest.raises(ValueError, match=r"adds \['syn_text'\]"):
+        train_collate([{"text": t}, {"text": t, "syn_text": t}])
 
 
 def _fingerprint(sample: dict) -> tuple:
     return (sample["caption"], sample["syn_caption"], hashlib.sha1(sample["image"].numpy().tobytes()).hexdigest())
 
 
-def test_deterministic_and_independent_of_worker_count(built, tok):
-    def run(workers: int, epoch: int = 0) -> list[tuple]:
-        ds = reinforced_pipeline(built[0], image_size=24, tokenize=tok, shuffle=6, seed=3)
-        ds.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+def test_epoch_is_explicit_and_samples_do_not_depend_on_workers(built, tok):
+    ds = _reinforced(built[0], tok, seed=3, image_size=24)
+    keys = [(i, e) for e in (0, 1) for i in range(len(ds))]
+
+    def run(workers: int) -> list[tuple]:
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=keys, num_workers=workers)
         return [_fingerprint(s) for s in loader]
 
     first = run(0)
-    assert run(0) == first  # same seed and epoch: same order and content
-    assert sorted(run(2)) == sorted(first)  # 2 workers: same samples, each made identically
-    assert run(0, epoch=1) != first
+    assert run(2) == first  # 2 workers: the same samples, made identically
+    n = len(ds)
+    assert first[:n] != first[n:]  # another epoch draws other augmentations / captions
+    # the epoch comes with the key: reading epoch 1 first does not change what epoch 0 gives
+    assert _fingerprint(ds[(5, 1)]) == first[n + 5] and _fingerprint(ds[(5, 0)]) == first[5]
 
 
 def test_sequential_sampling_and_syn_options(built, tok, dataset_samples):
     out, _ = built
     stored = _stored(dataset_samples, out)
-    ds = reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, aug_sampling="sequential")
-    ds.set_epoch(4)
-    for s, (_, m) in zip(ds, stored, strict=True):
+    ds = _reinforced(out, tok, aug_sampling="sequential")
+    for s, (_, m) in zip(_all(ds, epoch=4), stored, strict=True):
         rec = decode_param_aug(m["paug.json"])[4 % 3]
         assert torch.equal(s["image"], to_uint8_tensor(replay(decode_image(m["jpg"]), rec, 32)))
-    plain = next(iter(reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, use_syn=False)))
+    plain = _reinforced(out, tok, use_syn=False)[(0, 0)]
     assert set(plain) == KEYS - {"syn_text", "syn_caption", "teacher_syn_text_features"}
-    swapped = next(iter(reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, p_syn_swap=1.0)))
+    swapped = _reinforced(out, tok, p_syn_swap=1.0)[(0, 0)]
     _, m = stored[0]
-    alt = json.loads(m["syn.json"])["syn_text_alt"]
+    alt = json.loads(m["syn.json"])["alt_text"]
     assert swapped["caption"] in alt and "syn_text" not in swapped
     j = alt.index(swapped["caption"])
     np.testing.assert_array_equal(
-        swapped["teacher_text_features"]["test_tiny"].numpy(), decode_npz(m["npz"])["syn_text_alt_emb"][j, :32]
+        swapped["teacher_text_features"]["test_tiny"].numpy(), decode_npz(m["npz"])["alt_text_emb"][j, :32]
     )
-    none = next(iter(reinforced_pipeline(out, image_size=32, tokenize=tok, shuffle=0, syn_key_regex="^nothing$")))
-    assert none["syn_caption"] == none["caption"]  # no matching key: the real caption stands in (uniform keys)
-
-
-def test_dataset_info(built):
-    info = dataset_info(built[0])
-    assert info["num_samples"] == 24 and info["complete"] is True and len(info["shards"]) == 3
-    assert info["teacher_dims"] == {"test_tiny": 32, "test_tiny_b": 48}
-    assert set(info["logit_scales"]) == {"test_tiny", "test_tiny_b"}
-    assert info["num_augs"] == 3 and info["syn_keys"] == ["syn_text_alt"] and info["layout"] == "v2"
-    assert info["has_images"] and info["schema_version"] == 1 and "teach.json" in info["keys"]
+    # the regex selects synthetic keys; the other real captions are their own switch
+    assert _reinforced(out, tok, syn_key_regex="^nothing$")[(0, 0)]["syn_caption"] in alt
+    none = _reinforced(out, tok, syn_key_regex="^nothing$", alt_captions=False)[(0, 0)]
+    assert none["syn_caption"] == none["caption"]  # nothing to draw: the real caption stands in (uniform keys)
 
 
 def test_apple_loader_view_of_our_shards(built):
@@ -207,21 +221,10 @@ def _datacompdr_shard(tmp_path: Path, write_tar, image_bytes, fmt: str) -> tuple
 def test_datacompdr_v1_layout_and_pth_gz(tmp_path, write_tar, image_bytes, tok):
     path, image_emb, text_emb = _datacompdr_shard(tmp_path, write_tar, image_bytes, "pth.gz")
     with pytest.raises(ReinforcedDataError, match="trust_pickle"):
-        next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0, teacher_dims=[16, 16])))
+        _reinforced(path, tok, teacher_dims=[16, 16])[(0, 0)]
     with pytest.raises(ReinforcedDataError, match="teacher_dims"):
-        next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0, trust_pickle=True)))
-    s = next(
-        iter(
-            reinforced_pipeline(
-                str(path),
-                image_size=32,
-                tokenize=tok,
-                shuffle=0,
-                trust_pickle=True,
-                teacher_dims={"openai": 16, "datacomp": 16},
-            )
-        )
-    )
+        _reinforced(path, tok, trust_pickle=True)[(0, 0)]
+    s = _reinforced(path, tok, trust_pickle=True, teacher_dims={"openai": 16, "datacomp": 16})[(0, 0)]
     assert set(s["teacher_image_features"]) == {"openai", "datacomp"}
     idx = ["syn zero", "syn one"].index(s["syn_caption"])
     bf16 = torch.tensor(text_emb).bfloat16().float().numpy()  # stored precision
@@ -231,9 +234,8 @@ def test_datacompdr_v1_layout_and_pth_gz(tmp_path, write_tar, image_bytes, tok):
 
 def test_datacompdr_v1_npz(tmp_path, write_tar, image_bytes, tok):
     path, image_emb, text_emb = _datacompdr_shard(tmp_path, write_tar, image_bytes, "npz")
-    info = dataset_info(str(path), teacher_dims=[16, 16])
-    assert info["layout"] == "v1" and info["teacher_dims"] == {"teacher0": 16, "teacher1": 16}
-    s = next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0, teacher_dims=[16, 16])))
+    s = _reinforced(path, tok, teacher_dims=[16, 16])[(0, 0)]
+    assert set(s["teacher_image_features"]) == {"teacher0", "teacher1"}
     idx = ["syn zero", "syn one"].index(s["syn_caption"])
     np.testing.assert_allclose(s["teacher_syn_text_features"]["teacher1"].numpy(), text_emb[1 + idx, 16:], rtol=1e-6)
     rows = [k for k in range(2) if np.allclose(s["teacher_image_features"]["teacher0"].numpy(), image_emb[k, :16])]
@@ -246,37 +248,32 @@ def test_newer_schema_is_rejected(tmp_path, built, shard_reader, write_tar, tok)
     teach["schema_version"] = 99
     path = write_tar(tmp_path / "future.tar", [{"__key__": key, **m, "teach.json": json.dumps(teach)}])
     with pytest.raises(ReinforcedDataError, match="schema_version 99"):
-        next(iter(reinforced_pipeline(str(path), image_size=32, tokenize=tok, shuffle=0)))
+        _reinforced(path, tok)[(0, 0)]  # an error, not a sample skipped as corrupt
 
 
-def test_image_text_pipeline_corpus_and_folder(corpus, tok, tmp_path, image_bytes):
+def test_image_text_dataset_corpus_and_folder(corpus, tok, tmp_path, image_bytes):
     aug = AugmentCfg(crop_size=32)
-    ds = image_text_pipeline(None, corpus_dir=corpus, image_size=32, tokenize=tok, augment=aug, shuffle=0)
-    samples = list(ds)
+    shards = resolve_inputs(None, corpus_dir=corpus)
+    ds = ImageTextDataset(shards, tok, 32, "bicubic", aug, seed=0)
+    samples = _all(ds)
     assert len(samples) == 24 and set(samples[0]) == {"image", "text", "caption"}
     assert samples[0]["image"].shape == (3, 32, 32) and samples[0]["text"].shape == (16,)
-    again = list(image_text_pipeline(None, corpus_dir=corpus, image_size=32, tokenize=tok, augment=aug, shuffle=0))
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(samples, again, strict=True))
-    ds.set_epoch(1)
-    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(samples, ds, strict=True))
-    evals = list(
-        image_text_pipeline(
-            None, corpus_dir=corpus, image_size=24, tokenize=tok, augment=None, shuffle=0, alt_caption=True
-        )
-    )
-    firsts = [raw.caption for shard in resolve_inputs(None, corpus_dir=corpus) for raw in iter_samples(shard)]
-    assert [e["caption"] for e in evals] == firsts  # eval mode: the canonical caption, center view
-    assert evals[0]["image"].shape == (3, 24, 24)
-    assert all(e["syn_caption"] != e["caption"] for e in evals)  # corpus images have 5 distinct captions
-    assert torch.equal(evals[0]["syn_text"], tok([evals[0]["syn_caption"]])[0])
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(samples, _all(ds), strict=True))
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(samples, _all(ds, 1), strict=True))
+    views = _all(ImageTextDataset(shards, tok, 24, "bicubic", None, seed=0))
+    raws = [raw for shard in shards for raw in iter_samples(shard)]
+    assert all(v["caption"] in raw.captions for v, raw in zip(views, raws, strict=True))
+    assert views[0]["image"].shape == (3, 24, 24)  # evaluation view: resize + centre crop
 
+
+def test_image_text_captions_are_checked_and_normalised(tmp_path, tok, image_bytes):
+    """Plain training data skipped `check_caption`: a blank caption was trained on, whitespace kept."""
     (tmp_path / "imgs").mkdir()
     for k in range(3):
         (tmp_path / "imgs" / f"{k}.jpg").write_bytes(image_bytes(seed=k))
-    (tmp_path / "caps.csv").write_text("image,caption\n0.jpg,zero a\n0.jpg,zero b\n1.jpg,one\n2.jpg,  \n")
-    folder = list(
-        image_text_pipeline(
-            tmp_path / "imgs", captions=tmp_path / "caps.csv", image_size=16, tokenize=tok, augment=aug, shuffle=0
-        )
-    )
-    assert [s["caption"] in ({"zero a", "zero b"} if n == 0 else {"one"}) for n, s in enumerate(folder)] == [True] * 2
+    (tmp_path / "caps.csv").write_text("image,caption\n0.jpg,  a   red\tsquare \n1.jpg,  \n2.jpg,one\n")
+    shards = resolve_inputs(tmp_path / "imgs", captions=tmp_path / "caps.csv")
+    ds = ImageTextDataset(shards, tok, 16, "bicubic", AugmentCfg(crop_size=16), seed=0)
+    captions = [s["caption"] for s in _all(ds)]
+    # sample 1 has no usable caption: it is replaced by the next sample (deterministically), never trained on
+    assert captions == ["a red square", "one", "one"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mcd_common.errors import UsageError
 from reinforced_data.sources import check_caption, index_shard, iter_samples, load_captions, resolve_inputs
 
 FLICKR = Path("/work/shared/data/flickr8k")
@@ -82,7 +83,7 @@ def test_tar_specs(tmp_path: Path, write_tar, image_bytes):
     refs = index_shard(brace[1])
     assert [r.key for r in refs] == ["000010000", "000010001"]
     assert [s.caption for s in iter_samples(brace[1])] == ["cap 1 0", "cap 1 1"]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="not found"):
         resolve_inputs(str(tmp_path / "nope-{0..1}.tar"))
 
 
@@ -96,7 +97,7 @@ def test_img2dataset_style_members(tmp_path: Path, write_tar, image_bytes):
 
 def test_folder_without_captions_is_an_error(tmp_path: Path, image_bytes):
     (tmp_path / "a.jpg").write_bytes(image_bytes())
-    with pytest.raises(ValueError, match="--captions"):
+    with pytest.raises(UsageError, match="--captions"):
         resolve_inputs(tmp_path)
 
 
