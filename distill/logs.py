@@ -37,6 +37,7 @@ __all__ = [
     "OWN_LOGGERS",
     "KnownNoise",
     "configure_logging",
+    "current_verbosity",
     "reset_logging",
     "split_verbosity",
 ]
@@ -157,6 +158,7 @@ class _Installed:
     noise: dict[str, _NoiseFilter]
     levels: dict[str, int]
     """Logger name ("" for the root) -> its level before the first configure_logging call."""
+    verbosity: int
 
 
 _installed: _Installed | None = None
@@ -213,8 +215,13 @@ def configure_logging(verbosity: int = 0, stream: TextIO | None = None) -> loggi
         for name, patterns in by_logger.items():
             noise[name] = _NoiseFilter(patterns)
             logging.getLogger(name).addFilter(noise[name])
-    _installed = _Installed(handler=handler, noise=noise, levels=levels)
+    _installed = _Installed(handler=handler, noise=noise, levels=levels, verbosity=verbosity)
     return handler
+
+
+def current_verbosity() -> int:
+    """The verbosity of the last `configure_logging` call (0 when logging was not configured by the CLI)."""
+    return 0 if _installed is None else _installed.verbosity
 
 
 def _current_levels() -> dict[str, int]:
