@@ -159,6 +159,8 @@ class _Installed:
     levels: dict[str, int]
     """Logger name ("" for the root) -> its level before the first configure_logging call."""
     verbosity: int
+    detached: dict[str, list[logging.Handler]]
+    """Library loggers whose private console handlers were taken off (see `_SELF_HANDLING`)."""
 
 
 _installed: _Installed | None = None
@@ -176,6 +178,11 @@ def reset_logging() -> None:
         logging.getLogger(name).removeFilter(flt)
     for name, level in _installed.levels.items():
         logging.getLogger(name or None).setLevel(level)
+    for name, handlers in _installed.detached.items():
+        logger = logging.getLogger(name)
+        for h in handlers:
+            logger.addHandler(h)
+        logger.propagate = False
     logging.captureWarnings(False)
     _installed = None
 
@@ -206,6 +213,7 @@ def configure_logging(verbosity: int = 0, stream: TextIO | None = None) -> loggi
     root.setLevel(other_level)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(own_level)
+    detached = _detach_library_handlers()
     logging.captureWarnings(True)
     noise: dict[str, _NoiseFilter] = {}
     if verbosity <= 0:
@@ -215,8 +223,28 @@ def configure_logging(verbosity: int = 0, stream: TextIO | None = None) -> loggi
         for name, patterns in by_logger.items():
             noise[name] = _NoiseFilter(patterns)
             logging.getLogger(name).addFilter(noise[name])
-    _installed = _Installed(handler=handler, noise=noise, levels=levels, verbosity=verbosity)
+    _installed = _Installed(handler=handler, noise=noise, levels=levels, verbosity=verbosity, detached=detached)
     return handler
+
+
+_SELF_HANDLING = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
+"""Libraries that, when imported before any root handler exists (a script importing Lightning before calling
+`distill.cli.main`), give their logger a private StreamHandler and stop propagation: every INFO line would
+bypass our levels and filters."""
+
+
+def _detach_library_handlers() -> dict[str, list[logging.Handler]]:
+    detached = {}
+    for name in _SELF_HANDLING:
+        logger = logging.Logger.manager.loggerDict.get(name)
+        if not isinstance(logger, logging.Logger) or logger.propagate:
+            continue
+        handlers = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        for h in handlers:
+            logger.removeHandler(h)
+        logger.propagate = True
+        detached[name] = handlers
+    return detached
 
 
 def current_verbosity() -> int:

@@ -116,3 +116,26 @@ def test_split_verbosity_anywhere_and_stops_at_double_dash():
     assert split_verbosity(["zoo", "-qq"]) == (-2, ["zoo"])
     assert split_verbosity(["train", "--", "-v"]) == (0, ["train", "--", "-v"])
     assert split_verbosity(["train", "--data.path", "-value"]) == (0, ["train", "--data.path", "-value"])
+
+
+def test_lightning_imported_before_the_cli_is_brought_under_our_levels():
+    # What pytorch_lightning/__init__.py does when no root handler exists at its import (a script importing
+    # Lightning before calling distill.cli.main): a private StreamHandler and no propagation.
+    lightning = logging.getLogger("pytorch_lightning")
+    private_stream = io.StringIO()
+    private = logging.StreamHandler(private_stream)
+    saved = lightning.propagate
+    lightning.addHandler(private)
+    lightning.propagate = False
+    try:
+        out = io.StringIO()
+        configure_logging(0, stream=out)
+        rank_zero_info("lightning tip")
+        logging.getLogger("pytorch_lightning.trainer").warning("lightning warning")
+        assert private_stream.getvalue() == "" and "lightning tip" not in out.getvalue()
+        assert "lightning warning" in out.getvalue()
+        reset_logging()
+        assert private in lightning.handlers and lightning.propagate is False
+    finally:
+        lightning.removeHandler(private)
+        lightning.propagate = saved
