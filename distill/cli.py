@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from distill.compare import compare_positionals
 from distill.logs import configure_logging, split_verbosity
 from distill.recipes import resolve_config_args
 
@@ -26,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("export.bench", "bench"),
     "demo": ("distill.demo", "demo"),
     "zoo": ("distill.zoo", "zoo"),
+    "compare": ("distill.compare", "compare"),
 }
 
 
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Only import the subcommand that runs (plus every one for top-level --help).
     chosen = next((a for a in args if not a.startswith("-")), None)
+    args = compare_positionals(args) if chosen == "compare" else args  # `compare A B` -> --runs (distill.compare)
     names = [chosen] if chosen in SUBCOMMANDS else list(SUBCOMMANDS)
     components = {name: _load(name) for name in names}
     try:
