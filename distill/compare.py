@@ -7,8 +7,8 @@ Inputs, in any mix:
   student of a run that is compared too (or whose run directory holds `run.json`); otherwise it is a row of its own;
 - an export directory (`manifest.json` + `bench.jsonl`) or a `bench.jsonl` (`distill bench`): the median latency of
   the image and text towers (`--runtime`, `--precision`), attached to the run the manifest's checkpoint belongs to.
-For each run directory, eval JSONs (`eval*.json`) and export directories inside it, or next to it whose manifest
-points into it, are found without being named.
+For each run directory, eval JSONs (`eval*.json`) inside it, and export directories inside it or beside it or its
+parent whose manifest's checkpoint is in the run, are found without being named.
 
 Rows are labelled by run (the directory name, with parents added until labels differ), never by architecture,
 so two runs of one student both appear. Writes `<out>.md`, `<out>.json` and `<out>.png`.
@@ -176,7 +176,9 @@ def _discover(run_dir: Path, found: _Found) -> None:
             found.evals.append((ev, obj))
     known = {_bench_owner(p)[0].resolve() for p, _ in found.benches}
     near = ("*/manifest.json", "*/*/manifest.json")
-    candidates = [m for pattern in near for m in run_dir.glob(pattern)] + list(run_dir.parent.glob("*/manifest.json"))
+    candidates = [m for pattern in near for m in run_dir.glob(pattern)]
+    # beside the run (runs/a + runs/a_export) or one level up (the demo: out/runs/student_kd + out/export)
+    candidates += [*run_dir.parent.glob("*/manifest.json"), *run_dir.parent.parent.glob("*/manifest.json")]
     for manifest in sorted(set(candidates)):
         export_dir = manifest.parent
         bench = export_dir / "bench.jsonl"
