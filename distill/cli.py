@@ -8,10 +8,13 @@ jsonargparse turns each typed signature into flags (`--optim.lr`), `--config x.y
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from distill.compare import compare_positionals
+from distill.logs import configure_logging, split_verbosity
+from distill.recipes import resolve_config_args
 
 __all__ = ["main"]
 
@@ -24,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("export.bench", "bench"),
     "demo": ("distill.demo", "demo"),
     "zoo": ("distill.zoo", "zoo"),
+    "compare": ("distill.compare", "compare"),
 }
 
 
@@ -62,15 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     """
     from jsonargparse import CLI, set_parsing_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbosity, args = split_verbosity(sys.argv[1:] if argv is None else argv)  # -v/-q (distill.logs)
+    configure_logging(verbosity)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    args = list(sys.argv[1:] if argv is None else argv)
     # Only import the subcommand that runs (plus every one for top-level --help).
     chosen = next((a for a in args if not a.startswith("-")), None)
+    args = compare_positionals(args) if chosen == "compare" else args  # `compare A B` -> --runs (distill.compare)
     names = [chosen] if chosen in SUBCOMMANDS else list(SUBCOMMANDS)
     components = {name: _load(name) for name in names}
     try:
-        result = CLI(components, args=args, as_positional=False, prog="distill")
+        # `--config NAME` -> the packaged recipe (distill.recipes); an unknown name is a KeyError usage error
+        result = CLI(components, args=resolve_config_args(args), as_positional=False, prog="distill")
     except (ValueError, KeyError, FileNotFoundError) as err:
         # Validation errors name the flag; print them without a traceback.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -264,6 +264,10 @@ def train(
     callbacks.append(speed)
     if pruner_cb is not None:
         callbacks.append(pruner_cb)
+    from distill.progress import progress_callbacks
+
+    progress, show_bar = progress_callbacks(trainer.enable_progress_bar)  # step bar on a TTY, log lines elsewhere
+    callbacks += progress
     loggers = [
         pl.loggers.CSVLogger(root, name="logs", version=""),
         pl.loggers.TensorBoardLogger(root, name="tb", version=""),
@@ -283,7 +287,7 @@ def train(
         default_root_dir=root,
         callbacks=callbacks,
         logger=loggers,
-        enable_progress_bar=trainer.enable_progress_bar,
+        enable_progress_bar=show_bar,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # NOTE: our resumable sampler shards by rank itself
         deterministic=False,
