@@ -51,6 +51,12 @@ def _torch_load(fileobj: io.IOBase | str, name: str) -> object:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{name}: not a readable torch checkpoint ({first[:200]})") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as err:
+        # NOTE: the weights-only unpickler raises these on malformed or crafted pickles (e.g. a BUILD it cannot
+        # apply); callers that retry without weights_only on TypeError (open_clip) would then run the pickle.
+        raise UsageError(
+            f"{name}: refusing to load: the weights-only unpickler failed ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
 
 
 def load_torch_bytes(data: bytes, *, name: str = "<bytes>") -> object:
