@@ -181,10 +181,10 @@ def train(
     resumed_cfg = _checkpoint_student_cfg(ckpt_path) if ckpt_path else None
     if resumed_cfg is not None and resumed_cfg != model.cfg.to_dict():
         # The checkpoint holds a structurally different student (pruned by automatic inheritance): rebuild it.
-        from students import CLIPStudent, StudentCfg
+        from students import StudentCfg, build_student
 
         _logger.info("resuming a pruned student: %s", resumed_cfg.get("name"))
-        model = CLIPStudent(StudentCfg.from_dict(resumed_cfg))
+        model = build_student(StudentCfg.from_dict(resumed_cfg))
     if student_weights:
         copy_student_weights(model, load_student(Path(student_weights)))  # keeps Apple's ViT-B variant
     if inherit.source and inherit.mode == "auto" and ckpt_path is None:
@@ -368,7 +368,7 @@ def _teacher_as_student(name: str, weights: str | None) -> Any:
     import open_clip
     from open_clip.model import convert_to_custom_text_state_dict
 
-    from students import CLIPStudent, StudentCfg
+    from students import StudentCfg, build_student
     from teachers import WeightSpec, create_teacher
 
     t = create_teacher(name, weights=WeightSpec(file=weights) if weights else None)
@@ -380,7 +380,7 @@ def _teacher_as_student(name: str, weights: str | None) -> Any:
             f"--inherit.source teacher: {name} is not a single open_clip teacher; pass a saved student "
             "directory to --inherit.source instead"
         )
-    student = CLIPStudent(StudentCfg.from_open_clip(model_cfg, name=f"teacher:{name}"))
+    student = build_student(StudentCfg.from_open_clip(model_cfg, name=f"teacher:{name}"))
     state = model.state_dict()
     if "positional_embedding" in state:  # CLIP (non-custom-text) key layout -> CustomTextCLIP's `text.*`
         state = convert_to_custom_text_state_dict(state)

@@ -1,9 +1,10 @@
-"""Where weights come from (`WeightSpec`) and the one function that reads a weight file, never unpickling.
+"""The one weight reader (never unpickling), the state-dict fit check, and `WeightSpec` (re-exported).
 
 Every weight read of the toolkit (students, teachers, captioners, Lightning checkpoints, `.pth.gz` shard members)
 goes through `read_weights` / `load_torch_bytes`: safetensors, or `torch.load(weights_only=True)` passed
 explicitly (which `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` cannot override), with no fallback that unpickles. A file that
-is missing, empty, truncated or holds arbitrary Python objects gives one `UsageError` line naming the file.
+is missing, empty, truncated or holds arbitrary Python objects gives one `UsageError` line naming the file;
+`state_dict_mismatch` turns "these weights are for another architecture" into one line as well.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,40 +22,19 @@ from safetensors.torch import load as safetensors_load_bytes
 from safetensors.torch import load_file as safetensors_load_file
 
 from mcd_common.errors import UsageError
+from mcd_common.weight_spec import WeightSpec
 
-__all__ = ["WeightSpec", "load_torch_bytes", "read_state_dict_file", "read_weights"]
+__all__ = [
+    "WeightSpec",
+    "load_torch_bytes",
+    "read_state_dict_file",
+    "read_weights",
+    "safetensors_from_bytes",
+    "state_dict_mismatch",
+]
 
 _ZIP_MAGIC = b"PK"
 _PICKLE_MAGIC = b"\x80"
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """Where a model's weights come from, resolved in the order `file > hf_hub > url` (timm's order).
-
-    An empty spec means "the model's own source" (a registered pretrained tag, a `local-dir:` directory, ...).
-    """
-
-    file: str | None = None
-    """Local path: a safetensors or torch state dict, a Lightning `.ckpt`, or a saved model directory."""
-    hf_hub: str | None = None
-    """Hugging Face Hub location, `org/repo/` (the repo's default file) or `org/repo/path/in/repo`."""
-    url: str | None = None
-    """HTTP(S) URL of a state-dict file."""
-
-    def __post_init__(self) -> None:
-        # Accept Path objects from callers but persist plain strings (configs are written to JSON).
-        if self.file is not None and not isinstance(self.file, str):
-            object.__setattr__(self, "file", os.fspath(self.file))
-        if self.hf_hub is not None:
-            parts = self.hf_hub.strip().split("/")
-            if len(parts) < 2 or not parts[0] or not parts[1]:
-                raise UsageError(f"hf_hub must look like 'org/repo/' or 'org/repo/filename', got {self.hf_hub!r}")
-
-    @property
-    def is_empty(self) -> bool:
-        """True when no source is set."""
-        return not (self.file or self.hf_hub or self.url)
 
 
 def _torch_load(fileobj: io.IOBase | str, name: str) -> object:
@@ -71,6 +51,12 @@ def _torch_load(fileobj: io.IOBase | str, name: str) -> object:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{name}: not a readable torch checkpoint ({first[:200]})") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as err:
+        # NOTE: the weights-only unpickler raises these on malformed or crafted pickles (e.g. a BUILD it cannot
+        # apply); callers that retry without weights_only on TypeError (open_clip) would then run the pickle.
+        raise UsageError(
+            f"{name}: refusing to load: the weights-only unpickler failed ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
 
 
 def load_torch_bytes(data: bytes, *, name: str = "<bytes>") -> object:
@@ -138,3 +124,30 @@ def safetensors_from_bytes(data: bytes, *, name: str = "<bytes>") -> dict[str, t
         return safetensors_load_bytes(data)
     except (SafetensorError, ValueError) as err:
         raise UsageError(f"{name}: not a readable safetensors blob ({str(err)[:200]})") from None
+
+
+def state_dict_mismatch(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, limit: int = 8
+) -> str:
+    """How `state` fails to fit a model whose own state dict is `expected`, in one line ("" when it fits).
+
+    Lists missing keys, unexpected keys and shape mismatches (at most `limit` of each, then a count), so a
+    wrong-architecture file gives an error a person can read instead of torch's multi-line `load_state_dict` report.
+    """
+
+    def _few(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    parts = [
+        f"missing: {_few(missing)}" if missing else "",
+        f"unexpected: {_few(unexpected)}" if unexpected else "",
+        f"shape mismatch: {_few(mismatched)}" if mismatched else "",
+    ]
+    return "; ".join(p for p in parts if p)

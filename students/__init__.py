@@ -1,9 +1,12 @@
 """Students: small two-tower CLIP models distilled from large teachers (MobileCLIP, TinyCLIP, tiny test models).
 
 Importing the package registers every variant (`students.mobileclip`, `students.tinyclip`, `students.tiny`).
+Layout: `config` (architecture dataclasses), `towers` (`CLIPStudent`, the re-parameterisation walk), `coca`
+(`CoCaStudent`), `mct` (the MCt text tower), `registry` (variant names -> configs), `factory` (`create_student`,
+`build_student`, `load_student`), `io` (saving and reading files), `inherit` / `prune` (weight inheritance).
 State dicts use open_clip `CustomTextCLIP` keys, so saved students load with `open_clip.create_model("local-dir:")`
-(except MCt text towers, which only `load_student` reads). CoCa students (`students.coca.CoCaStudent`, a config
-with a `multimodal` decoder section) use open_clip `CoCa` keys and also train a captioning loss.
+(except MCt text towers, which only `load_student` reads). CoCa students (a config with a `multimodal` decoder
+section) use open_clip `CoCa` keys and also train a captioning loss.
 
 References:
     MobileCLIP: https://github.com/apple/ml-mobileclip ; TinyCLIP: https://github.com/microsoft/Cream
@@ -12,30 +15,23 @@ References:
 """
 
 from students import mobileclip, tiny, tinyclip  # noqa: F401  (registration on import)
-from students._registry import (
-    LOCAL_DIR_PREFIX,
-    WeightSpec,
-    create_student,
-    get_student_cfg,
-    list_students,
-    register_student,
-    resolve_weights,
-)
 from students.coca import CoCaStudent
-from students.inherit import InheritReport, inherit_weights, uniform_layer_indices
-from students.io import load_student, read_state_dict, read_student_cfg, save_student
-from students.mct import MCtTextTower
-from students.prune import L0Pruner, TowerPlan
-from students.towers import (
+from students.config import (
     MCT_OPEN_CLIP_MARKER,
     OPENAI_MEAN,
     OPENAI_STD,
-    CLIPStudent,
     ImageTowerCfg,
     StudentCfg,
     TextDecoderCfg,
     TextTowerCfg,
 )
+from students.factory import build_student, create_student, get_student_cfg, load_student, resolve_weights
+from students.inherit import InheritReport, inherit_weights, uniform_layer_indices
+from students.io import read_state_dict, read_student_cfg, save_student
+from students.mct import MCtTextTower
+from students.prune import L0Pruner, TowerPlan
+from students.registry import LOCAL_DIR_PREFIX, WeightSpec, list_students, register_student
+from students.towers import CLIPStudent, reparameterize_model
 
 __all__ = [
     "CLIPStudent",
@@ -53,6 +49,7 @@ __all__ = [
     "TextTowerCfg",
     "TowerPlan",
     "WeightSpec",
+    "build_student",
     "create_student",
     "get_student_cfg",
     "inherit_weights",
@@ -61,6 +58,7 @@ __all__ = [
     "read_state_dict",
     "read_student_cfg",
     "register_student",
+    "reparameterize_model",
     "resolve_weights",
     "save_student",
     "uniform_layer_indices",

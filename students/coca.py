@@ -6,9 +6,9 @@ image-caption data (e.g. Flickr8k) and then uses its towers as a teacher and its
 generator (`teachers.create_teacher("local-dir:DIR")` / `teachers.create_captioner("local-dir:DIR")`).
 
 Layout and numerics are open_clip's `CoCa`: the towers come from open_clip's own builders (`_build_vision_tower`
-with an attentional pooler, `_build_text_tower` with `embed_cls=True`, `coca_model._build_text_decoder_tower`),
-so `students.save_student` writes a directory that `open_clip.create_model("local-dir:DIR")` loads as a `CoCa`
-with identical embeddings and decoder logits.
+with an attentional pooler, `_build_text_tower` with `embed_cls=True`, `coca_model._build_text_decoder_tower`,
+all called through `mcd_common._open_clip`), so `students.save_student` writes a directory that
+`open_clip.create_model("local-dir:DIR")` loads as a `CoCa` with identical embeddings and decoder logits.
 
 The caption loss is open_clip's `CoCaLoss` caption term: cross-entropy of the decoder output at position t against
 token t+1, padding (id 0) ignored, averaged over the remaining targets. `forward_train` applies the decoder's final
@@ -26,12 +26,13 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from open_clip.coca_model import _build_text_decoder_tower
 from open_clip.transformer import MultimodalTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from students.towers import CLIPStudent, StudentCfg
+from mcd_common._open_clip import build_text_decoder_tower
+from students.config import StudentCfg
+from students.towers import CLIPStudent
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ __all__ = ["CoCaStudent"]
 class CoCaStudent(CLIPStudent):
     """A `CLIPStudent` with open_clip's CoCa text decoder; its state dict is open_clip `CoCa`'s.
 
-    Build it like any student (`create_student("tiny_coca")`, `CLIPStudent(cfg)` with `cfg.multimodal` set, or
+    Build it like any student (`create_student("tiny_coca")`, `build_student(cfg)` with `cfg.multimodal` set, or
     `load_student`). `encode_image`, `encode_text`, `forward`, `tokenize`, `normalize` behave as for every
     student; `forward_train` adds the caption loss and `caption_logits` gives open_clip's teacher-forced logits.
 
@@ -61,9 +62,10 @@ class CoCaStudent(CLIPStudent):
         if cfg.multimodal is None:
             raise ValueError(f"student {cfg.name!r} has no `multimodal` (text decoder) config: not a CoCa")
         super().__init__(cfg)
-        multimodal_cfg = cfg.open_clip_model_cfg()["multimodal_cfg"]
         # NOTE: open_clip passes the vocabulary size as the decoder's `embed_dim` (its output projection width)
-        self.text_decoder = _build_text_decoder_tower(cfg.text.vocab_size, multimodal_cfg, quick_gelu=cfg.quick_gelu)
+        self.text_decoder = build_text_decoder_tower(
+            cfg.text.vocab_size, cfg.open_clip_multimodal_cfg(), quick_gelu=cfg.quick_gelu
+        )
         _init_decoder(self.text_decoder)
 
     # -- encoding -----------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from mcd_common import UsageError
-from students.towers import ImageTowerCfg, StudentCfg, TextTowerCfg
+from students.config import ImageTowerCfg, StudentCfg, TextTowerCfg
 
 _logger = logging.getLogger(__name__)
 

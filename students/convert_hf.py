@@ -29,7 +29,7 @@ import torch
 
 from mcd_common import UsageError
 from students.convert_tinyclip import check_uniform_layers, native_vit_student_cfg
-from students.towers import OPENAI_MEAN, OPENAI_STD, StudentCfg
+from students.config import OPENAI_MEAN, OPENAI_STD, StudentCfg
 
 _logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import re
 import torch
 
 from mcd_common import UsageError
-from students.towers import ImageTowerCfg, StudentCfg, TextTowerCfg
+from students.config import ImageTowerCfg, StudentCfg, TextTowerCfg
 
 _logger = logging.getLogger(__name__)
 

@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mcd_common import UsageError
+from students.config import StudentCfg
+from students.factory import build_student
 from students.io import normalize_state_dict
-from students.towers import CLIPStudent, StudentCfg
+from students.towers import CLIPStudent
 
 _logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class InheritReport:
 def uniform_layer_indices(source_depth: int, student_depth: int) -> list[int]:
     """TinyCLIP "interval_front" layer choice: `[0, step, 2*step, ...]` with `step = source // student`."""
     if student_depth > source_depth:
-        raise ValueError(f"student has {student_depth} blocks but the source only {source_depth}")
+        raise UsageError(f"student has {student_depth} blocks but the source only {source_depth}")
     step = source_depth // student_depth
     return [i * step for i in range(student_depth)]
 
@@ -103,9 +106,9 @@ def _front_slice(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _check_fits(key: str, student: torch.Size, source: torch.Size) -> None:
     if len(student) != len(source):
-        raise ValueError(f"{key}: student tensor has rank {len(student)} but the source has rank {len(source)}")
+        raise UsageError(f"{key}: student tensor has rank {len(student)} but the source has rank {len(source)}")
     if any(s > t for s, t in zip(student, source, strict=True)):
-        raise ValueError(
+        raise UsageError(
             f"{key}: student tensor {tuple(student)} is larger than its source {tuple(source)}; "
             "inheritance only shrinks (pick a larger source or a smaller student)"
         )
@@ -115,7 +118,7 @@ def _slice_qkv(key: str, src: torch.Tensor, shape: torch.Size, heads_s: int, hea
     rows_s, rows_t = shape[0] // 3, src.shape[0] // 3
     hd_s, hd_t = rows_s // heads_s, rows_t // heads_t
     if heads_s > heads_t or hd_s > hd_t:
-        raise ValueError(f"{key}: student attention ({heads_s} heads x {hd_s}) is larger than the source's "
+        raise UsageError(f"{key}: student attention ({heads_s} heads x {hd_s}) is larger than the source's "
                          f"({heads_t} x {hd_t})")  # fmt: skip
     rest = src.shape[1:]
     # [3*H_t*hd_t, ...] -> [3, H_t, hd_t, ...]: q/k/v blocks, then heads, then dims within a head
@@ -127,7 +130,7 @@ def _slice_qkv(key: str, src: torch.Tensor, shape: torch.Size, heads_s: int, hea
 def _slice_out_proj(key: str, src: torch.Tensor, shape: torch.Size, heads_s: int, heads_t: int) -> torch.Tensor:
     hd_s, hd_t = shape[1] // heads_s, src.shape[1] // heads_t
     if heads_s > heads_t or hd_s > hd_t:
-        raise ValueError(
+        raise UsageError(
             f"{key}: student attention ({heads_s} x {hd_s}) is larger than the source's ({heads_t} x {hd_t})"
         )
     # [D_t, H_t*hd_t] -> [D_t, H_t, hd_t]: input columns grouped by head
@@ -154,6 +157,83 @@ def _resize_patch_kernel(src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return (out * scale).to(src.dtype)
 
 
+class _LayerMap:
+    """Maps a student key to the source key it inherits from (TinyCLIP's evenly spaced blocks, per stack)."""
+
+    def __init__(self, student_keys: list[str], source_keys: list[str], layer_maps: dict[str, list[int]]) -> None:
+        self.s_depths, self.t_depths = _stack_depths(student_keys), _stack_depths(source_keys)
+        self.layer_maps = layer_maps
+        """Filled as keys are mapped: per student block stack, the source block of each student block."""
+
+    def source_key(self, key: str) -> str | None:
+        """The source key for student `key` (None when the source lacks one of its block stacks)."""
+        out, pos, stud_prefix = "", 0, ""
+        for m in _STACK.finditer(key):
+            stud_prefix = stud_prefix + key[pos : m.end(1)]
+            src_prefix = out + key[pos : m.end(1)]
+            depth_s, depth_t = self.s_depths[stud_prefix], self.t_depths.get(src_prefix)
+            if depth_t is None:
+                return None
+            if depth_s > depth_t:
+                raise UsageError(f"{stud_prefix}: student has {depth_s} blocks but the source only {depth_t}")
+            indices = uniform_layer_indices(depth_t, depth_s)
+            self.layer_maps.setdefault(stud_prefix, indices)
+            out = src_prefix + "." + str(indices[int(m.group(2))])
+            stud_prefix = stud_prefix + "." + m.group(2)
+            pos = m.end(2)
+        return out + key[pos:]
+
+
+def _qkv_heads(
+    key: str, src_key: str, target: torch.Size, src: torch.Size, student: CLIPStudent, source: CLIPStudent | None
+) -> tuple[int, int]:
+    """(student heads, source heads) of a fused q/k/v projection."""
+    # in_proj_* live on nn.MultiheadAttention itself; timm's `qkv` is a Linear inside the attention module
+    depth = 1 if ".attn.in_proj_" in "." + key else 2
+    heads_s = _heads_of(student, key.rsplit(".", depth)[0])
+    heads_t = _heads_of(source, src_key.rsplit(".", depth)[0])
+    if heads_s is None:  # unknown module type: plain front slice of each of q, k, v
+        return 1, 1
+    if heads_t is None:  # TinyCLIP assumption: the source has the student's head dim
+        hd_s = target[0] // 3 // heads_s
+        if (src[0] // 3) % hd_s:
+            raise UsageError(f"{key}: cannot infer source heads at head dim {hd_s}; pass source_cfg")
+        heads_t = src[0] // 3 // hd_s
+    return heads_s, heads_t
+
+
+def _out_proj_heads(
+    key: str, src_key: str, target: torch.Size, src: torch.Size, student: CLIPStudent, source: CLIPStudent | None
+) -> tuple[int, int]:
+    """(student heads, source heads) of an attention output projection."""
+    heads_s = _heads_of(student, key.rsplit(".", 2)[0]) or 1
+    heads_t = _heads_of(source, src_key.rsplit(".", 2)[0])
+    if heads_t is None:
+        hd_s = target[1] // heads_s
+        heads_t = src[1] // hd_s if src[1] % hd_s == 0 else heads_s
+    return heads_s, heads_t
+
+
+def _shrink(
+    key: str, src_key: str, src: torch.Tensor, shape: torch.Size, student: CLIPStudent, source: CLIPStudent | None
+) -> torch.Tensor:
+    """The slice (or resampling) of a larger source tensor that becomes student tensor `key` of `shape`."""
+    if key == "visual.positional_embedding" and src.ndim == 2 and src.shape[0] != shape[0]:
+        _check_fits(key, shape[1:], src.shape[1:])
+        return _resample_pos_embed(src, shape)
+    if key == "visual.conv1.weight" and src.ndim == 4 and src.shape[2:] != shape[2:]:
+        _check_fits(key, shape[:2], src.shape[:2])
+        return _resize_patch_kernel(src, shape)
+    _check_fits(key, shape, src.shape)
+    if key.endswith(_QKV_SUFFIXES):
+        heads_s, heads_t = _qkv_heads(key, src_key, shape, src.shape, student, source)
+        return _slice_qkv(key, src, shape, heads_s, heads_t)
+    if key.endswith(_OUT_PROJ_SUFFIXES) and src.ndim == 2:
+        heads_s, heads_t = _out_proj_heads(key, src_key, shape, src.shape, student, source)
+        return _slice_out_proj(key, src, shape, heads_s, heads_t)
+    return _front_slice(src, shape)
+
+
 @torch.no_grad()
 def inherit_weights(
     student: CLIPStudent,
@@ -171,39 +251,24 @@ def inherit_weights(
             student's; without it the student's head dim is assumed (TinyCLIP's fixed head dim).
 
     Returns:
-        The report. Raises ValueError (naming the key) when a student tensor is larger than its source, or a block
-        stack deeper than the source's.
+        The report.
+
+    Raises:
+        UsageError: a student tensor is larger than its source, or a block stack deeper than the source's
+            (naming the key).
     """
     source = normalize_state_dict(dict(source_state_dict))
     own = student.state_dict()
     report = InheritReport()
-    s_depths, t_depths = _stack_depths(list(own)), _stack_depths(list(source))
+    layer_map = _LayerMap(list(own), list(source), report.layer_maps)
     source_model = None
     if source_cfg is not None:
-        with torch.device("meta"):
-            source_model = CLIPStudent(source_cfg)
-
-    def _map_key(key: str) -> str | None:
-        out, pos, stud_prefix = "", 0, ""
-        for m in _STACK.finditer(key):
-            stud_prefix = stud_prefix + key[pos : m.end(1)]
-            src_prefix = out + key[pos : m.end(1)]
-            depth_s, depth_t = s_depths[stud_prefix], t_depths.get(src_prefix)
-            if depth_t is None:
-                return None
-            if depth_s > depth_t:
-                raise ValueError(f"{stud_prefix}: student has {depth_s} blocks but the source only {depth_t}")
-            indices = uniform_layer_indices(depth_t, depth_s)
-            report.layer_maps.setdefault(stud_prefix, indices)
-            out = src_prefix + "." + str(indices[int(m.group(2))])
-            stud_prefix = stud_prefix + "." + m.group(2)
-            pos = m.end(2)
-        return out + key[pos:]
-
+        with torch.device("meta"):  # only the modules' head counts are read
+            source_model = build_student(source_cfg)
     used: set[str] = set()
     new_state: dict[str, torch.Tensor] = {}
     for key, target in own.items():
-        src_key = _map_key(key)
+        src_key = layer_map.source_key(key)
         if src_key is None or src_key not in source:
             report.fresh.append(key)
             continue
@@ -212,45 +277,12 @@ def inherit_weights(
         if src.shape == target.shape:
             new_state[key] = src.clone()
             report.inherited.append(key)
-            continue
-        if src.numel() == target.numel() and src.ndim != target.ndim:  # e.g. scalar vs [1] logit_scale
+        elif src.numel() == target.numel() and src.ndim != target.ndim:  # e.g. scalar vs [1] logit_scale
             new_state[key] = src.reshape(target.shape).clone()
             report.inherited.append(key)
-            continue
-        if key == "visual.positional_embedding" and src.ndim == 2 and src.shape[0] != target.shape[0]:
-            _check_fits(key, target.shape[1:], src.shape[1:])
-            value = _resample_pos_embed(src, target.shape)
-        elif key == "visual.conv1.weight" and src.ndim == 4 and src.shape[2:] != target.shape[2:]:
-            _check_fits(key, target.shape[:2], src.shape[:2])
-            value = _resize_patch_kernel(src, target.shape)
-        elif key.endswith(_QKV_SUFFIXES):
-            _check_fits(key, target.shape, src.shape)
-            # in_proj_* live on nn.MultiheadAttention itself; timm's `qkv` is a Linear inside the attention module
-            depth = 1 if ".attn.in_proj_" in "." + key else 2
-            heads_s = _heads_of(student, key.rsplit(".", depth)[0])
-            heads_t = _heads_of(source_model, src_key.rsplit(".", depth)[0])
-            if heads_s is None:  # unknown module type: plain front slice of each of q, k, v
-                heads_s = heads_t = 1
-            if heads_t is None:  # TinyCLIP assumption: the source has the student's head dim
-                hd_s = target.shape[0] // 3 // heads_s
-                if (src.shape[0] // 3) % hd_s:
-                    raise ValueError(f"{key}: cannot infer source heads at head dim {hd_s}; pass source_cfg")
-                heads_t = src.shape[0] // 3 // hd_s
-            value = _slice_qkv(key, src, target.shape, heads_s, heads_t)
-        elif key.endswith(_OUT_PROJ_SUFFIXES) and src.ndim == 2:
-            _check_fits(key, target.shape, src.shape)
-            heads_s = _heads_of(student, key.rsplit(".", 2)[0]) or 1
-            heads_t = _heads_of(source_model, src_key.rsplit(".", 2)[0])
-            if heads_t is None:
-                hd_s = target.shape[1] // heads_s
-                heads_t = src.shape[1] // hd_s if src.shape[1] % hd_s == 0 else heads_s
-            value = _slice_out_proj(key, src, target.shape, heads_s, heads_t)
         else:
-            _check_fits(key, target.shape, src.shape)
-            value = _front_slice(src, target.shape)
-        new_state[key] = value.clone().contiguous()
-        report.sliced.append(key)
-
+            new_state[key] = _shrink(key, src_key, src, target.shape, student, source_model).clone().contiguous()
+            report.sliced.append(key)
     report.unused = sorted(set(source) - used)
     student.load_state_dict(new_state, strict=False)
     _logger.info("weight inheritance into %s: %s", student.cfg.name, report.summary())

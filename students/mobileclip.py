@@ -15,10 +15,10 @@ References:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from students._registry import WeightSpec, _create, register_student
-from students.towers import OPENAI_MEAN, OPENAI_STD, CLIPStudent, ImageTowerCfg, StudentCfg, TextTowerCfg
+from mcd_common.weights import WeightSpec
+from students.config import OPENAI_MEAN, OPENAI_STD, ImageTowerCfg, StudentCfg, TextTowerCfg
+from students.registry import register_student
 
 _logger = logging.getLogger(__name__)
 
@@ -63,21 +63,21 @@ def _hub(repo: str) -> WeightSpec:
 
 
 @register_student
-def mobileclip_s0(**kwargs: Any) -> CLIPStudent:
+def mobileclip_s0() -> StudentCfg:
     """MobileCLIP-S0: MCi0 (fastvit_mci0) @ 256 + MCt text tower (RepMixer + 4 layers + RepMixer)."""
-    return _create(_cfg("mobileclip_s0", "fastvit_mci0", _MCT), **kwargs)
+    return _cfg("mobileclip_s0", "fastvit_mci0", _MCT)
 
 
 @register_student(pretrained={"datacompdr": _hub("apple/MobileCLIP-S1-OpenCLIP/")})
-def mobileclip_s1(**kwargs: Any) -> CLIPStudent:
+def mobileclip_s1() -> StudentCfg:
     """MobileCLIP-S1: MCi1 @ 256 + 12-layer 512-wide text transformer (no causal mask)."""
-    return _create(_cfg("mobileclip_s1", "fastvit_mci1", _TEXT_512), **kwargs)
+    return _cfg("mobileclip_s1", "fastvit_mci1", _TEXT_512)
 
 
 @register_student(pretrained={"datacompdr": _hub("apple/MobileCLIP-S2-OpenCLIP/")})
-def mobileclip_s2(**kwargs: Any) -> CLIPStudent:
+def mobileclip_s2() -> StudentCfg:
     """MobileCLIP-S2: MCi2 @ 256 + 12-layer 512-wide text transformer (no causal mask)."""
-    return _create(_cfg("mobileclip_s2", "fastvit_mci2", _TEXT_512), **kwargs)
+    return _cfg("mobileclip_s2", "fastvit_mci2", _TEXT_512)
 
 
 @register_student(
@@ -86,36 +86,36 @@ def mobileclip_s2(**kwargs: Any) -> CLIPStudent:
         "datacompdr_lt": _hub("apple/MobileCLIP-B-LT-OpenCLIP/"),
     }
 )
-def mobileclip_b(**kwargs: Any) -> CLIPStudent:
+def mobileclip_b() -> StudentCfg:
     """MobileCLIP-B: vit_base_mci_224 @ 224 + 12-layer 512-wide causal text transformer."""
-    return _create(_cfg("mobileclip_b", "vit_base_mci_224", _TEXT_512_CAUSAL, image_size=224), **kwargs)
+    return _cfg("mobileclip_b", "vit_base_mci_224", _TEXT_512_CAUSAL, image_size=224)
 
 
 @register_student(pretrained={"dfndr2b": _hub("timm/MobileCLIP2-S0-OpenCLIP/")})
-def mobileclip2_s0(**kwargs: Any) -> CLIPStudent:
+def mobileclip2_s0() -> StudentCfg:
     """MobileCLIP2-S0: MCi0 @ 256 + 12-layer 512-wide text transformer (the shipped config, not MCt)."""
-    return _create(_cfg("mobileclip2_s0", "fastvit_mci0", _TEXT_512), **kwargs)
+    return _cfg("mobileclip2_s0", "fastvit_mci0", _TEXT_512)
 
 
 @register_student(pretrained={"dfndr2b": _hub("timm/MobileCLIP2-S2-OpenCLIP/")})
-def mobileclip2_s2(**kwargs: Any) -> CLIPStudent:
+def mobileclip2_s2() -> StudentCfg:
     """MobileCLIP2-S2: MCi2 @ 256 + 12-layer 512-wide text transformer."""
-    return _create(_cfg("mobileclip2_s2", "fastvit_mci2", _TEXT_512), **kwargs)
+    return _cfg("mobileclip2_s2", "fastvit_mci2", _TEXT_512)
 
 
 @register_student(pretrained={"dfndr2b": _hub("timm/MobileCLIP2-B-OpenCLIP/")})
-def mobileclip2_b(**kwargs: Any) -> CLIPStudent:
+def mobileclip2_b() -> StudentCfg:
     """MobileCLIP2-B: vit_base_mci_224 @ 224 + 12-layer 512-wide causal text transformer."""
-    return _create(_cfg("mobileclip2_b", "vit_base_mci_224", _TEXT_512_CAUSAL, image_size=224), **kwargs)
+    return _cfg("mobileclip2_b", "vit_base_mci_224", _TEXT_512_CAUSAL, image_size=224)
 
 
 @register_student(pretrained={"dfndr2b": _hub("timm/MobileCLIP2-S3-OpenCLIP/")})
-def mobileclip2_s3(**kwargs: Any) -> CLIPStudent:
+def mobileclip2_s3() -> StudentCfg:
     """MobileCLIP2-S3: MCi3 (5 stages) @ 256 + 12-layer 768-wide text transformer, 768-dim, OpenAI mean/std."""
-    return _create(_cfg("mobileclip2_s3", "fastvit_mci3", _TEXT_768, embed_dim=768, openai_norm=True), **kwargs)
+    return _cfg("mobileclip2_s3", "fastvit_mci3", _TEXT_768, embed_dim=768, openai_norm=True)
 
 
 @register_student(pretrained={"dfndr2b": _hub("timm/MobileCLIP2-S4-OpenCLIP/")})
-def mobileclip2_s4(**kwargs: Any) -> CLIPStudent:
+def mobileclip2_s4() -> StudentCfg:
     """MobileCLIP2-S4: MCi4 (5 stages) @ 256 + 12-layer 768-wide text transformer, 768-dim, OpenAI mean/std."""
-    return _create(_cfg("mobileclip2_s4", "fastvit_mci4", _TEXT_768, embed_dim=768, openai_norm=True), **kwargs)
+    return _cfg("mobileclip2_s4", "fastvit_mci4", _TEXT_768, embed_dim=768, openai_norm=True)

@@ -41,7 +41,8 @@ from students.convert_hf import (
     read_hf_clip_config,
 )
 from students.convert_tinyclip import convert_tinyclip_state_dict, is_tinyclip_state_dict, native_vit_student_cfg
-from students.towers import APPLE_VIT_TIMM_NAME, CLIPStudent, StudentCfg, make_apple_vit
+from students.config import APPLE_VIT_TIMM_NAME, StudentCfg
+from students.towers import CLIPStudent, make_apple_vit
 
 _logger = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ References:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from students._registry import _create, register_student
-from students.towers import CLIPStudent, ImageTowerCfg, StudentCfg, TextDecoderCfg, TextTowerCfg
+from students.config import ImageTowerCfg, StudentCfg, TextDecoderCfg, TextTowerCfg
+from students.registry import register_student
 
 _logger = logging.getLogger(__name__)
 
@@ -29,51 +28,51 @@ _TINY_TEXT = TextTowerCfg(context_length=16, width=32, heads=2, layers=2)
 
 
 @register_student
-def test_tiny(**kwargs: Any) -> CLIPStudent:
+def test_tiny() -> StudentCfg:
     """Test student: embed 32, ViT 32 px / patch 8 / width 32 x 2 layers; text context 16, width 32 x 2 layers."""
-    return _create(StudentCfg(name="test_tiny", embed_dim=32, image=_TINY_VIT, text=_TINY_TEXT), **kwargs)
+    return StudentCfg(name="test_tiny", embed_dim=32, image=_TINY_VIT, text=_TINY_TEXT)
 
 
 @register_student
-def test_tiny_mct(**kwargs: Any) -> CLIPStudent:
+def test_tiny_mct() -> StudentCfg:
     """Test student with a tiny MCt text tower (width 32, 1 transformer layer between two RepMixer blocks)."""
     text = TextTowerCfg(kind="mct", context_length=16, width=32, heads=2, layers=1, causal=False)
-    return _create(StudentCfg(name="test_tiny_mct", embed_dim=32, image=_TINY_VIT, text=text), **kwargs)
+    return StudentCfg(name="test_tiny_mct", embed_dim=32, image=_TINY_VIT, text=text)
 
 
 @register_student
-def test_tiny_mci(**kwargs: Any) -> CLIPStudent:
+def test_tiny_mci() -> StudentCfg:
     """Test student with a real FastViT image tower (timm fastvit_t8 @ 32 px, classifier as projection)."""
     image = ImageTowerCfg(image_size=32, timm_model_name="fastvit_t8", timm_pool="avg", timm_proj=None)
-    return _create(StudentCfg(name="test_tiny_mci", embed_dim=32, image=image, text=_TINY_TEXT), **kwargs)
+    return StudentCfg(name="test_tiny_mci", embed_dim=32, image=image, text=_TINY_TEXT)
 
 
 @register_student
-def tiny_vit(**kwargs: Any) -> CLIPStudent:
+def tiny_vit() -> StudentCfg:
     """Demo teacher-sized model: embed 128, ViT 64 px / patch 8 / width 192 x 6; text context 32, 128 x 4 layers."""
     image = ImageTowerCfg(image_size=64, patch_size=8, width=192, layers=6, head_width=32)
     text = TextTowerCfg(context_length=32, width=128, heads=4, layers=4)
-    return _create(StudentCfg(name="tiny_vit", embed_dim=128, image=image, text=text), **kwargs)
+    return StudentCfg(name="tiny_vit", embed_dim=128, image=image, text=text)
 
 
 @register_student
-def tiny_vit_s(**kwargs: Any) -> CLIPStudent:
+def tiny_vit_s() -> StudentCfg:
     """Demo student inheritable from tiny_vit: ViT width 96 x 3 layers; text 64 x 2 layers (same head dims)."""
     image = ImageTowerCfg(image_size=64, patch_size=8, width=96, layers=3, head_width=32)
     text = TextTowerCfg(context_length=32, width=64, heads=2, layers=2)
-    return _create(StudentCfg(name="tiny_vit_s", embed_dim=128, image=image, text=text), **kwargs)
+    return StudentCfg(name="tiny_vit_s", embed_dim=128, image=image, text=text)
 
 
 @register_student
-def tiny_mci(**kwargs: Any) -> CLIPStudent:
+def tiny_mci() -> StudentCfg:
     """Demo FastViT student: fastvit_t8 @ 64 px + linear projection to 128; text context 32, 128 x 2 layers."""
     image = ImageTowerCfg(image_size=64, timm_model_name="fastvit_t8", timm_pool="avg", timm_proj="linear")
     text = TextTowerCfg(context_length=32, width=128, heads=4, layers=2)
-    return _create(StudentCfg(name="tiny_mci", embed_dim=128, image=image, text=text), **kwargs)
+    return StudentCfg(name="tiny_mci", embed_dim=128, image=image, text=text)
 
 
 @register_student
-def test_tiny_coca(**kwargs: Any) -> CLIPStudent:
+def test_tiny_coca() -> StudentCfg:
     """Test CoCa: test_tiny towers + attentional pool (16 queries) and CLS text token; decoder width 32 x 1 layer."""
     image = ImageTowerCfg(
         image_size=32, patch_size=8, width=32, layers=2, head_width=16,
@@ -81,12 +80,11 @@ def test_tiny_coca(**kwargs: Any) -> CLIPStudent:
     )  # fmt: skip
     text = TextTowerCfg(context_length=16, width=32, heads=2, layers=2, embed_cls=True)
     decoder = TextDecoderCfg(width=32, heads=2, layers=1)
-    cfg = StudentCfg(name="test_tiny_coca", embed_dim=32, image=image, text=text, multimodal=decoder)
-    return _create(cfg, **kwargs)
+    return StudentCfg(name="test_tiny_coca", embed_dim=32, image=image, text=text, multimodal=decoder)
 
 
 @register_student
-def tiny_coca(**kwargs: Any) -> CLIPStudent:
+def tiny_coca() -> StudentCfg:
     """CPU-trainable CoCa teacher: tiny_vit towers, 65-query attentional pool, CLS text token; decoder 128 x 2."""
     # NOTE: 65 queries for 8x8 patches: the first is the contrastive embedding, the decoder reads one per patch
     image = ImageTowerCfg(
@@ -95,4 +93,4 @@ def tiny_coca(**kwargs: Any) -> CLIPStudent:
     )  # fmt: skip
     text = TextTowerCfg(context_length=32, width=128, heads=4, layers=4, embed_cls=True)
     decoder = TextDecoderCfg(width=128, heads=4, layers=2)
-    return _create(StudentCfg(name="tiny_coca", embed_dim=128, image=image, text=text, multimodal=decoder), **kwargs)
+    return StudentCfg(name="tiny_coca", embed_dim=128, image=image, text=text, multimodal=decoder)

@@ -14,10 +14,9 @@ References:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from students._registry import _create, register_student
-from students.towers import CLIPStudent, ImageTowerCfg, StudentCfg, TextTowerCfg
+from students.config import ImageTowerCfg, StudentCfg, TextTowerCfg
+from students.registry import register_student
 
 _logger = logging.getLogger(__name__)
 
@@ -36,36 +35,32 @@ def _cfg(
 
 
 @register_student
-def tinyclip_vit_8m_16_text_3m(**kwargs: Any) -> CLIPStudent:
+def tinyclip_vit_8m_16_text_3m() -> StudentCfg:
     """TinyCLIP ViT-8M/16 Text-3M: ViT width 256 x 10 layers, patch 16; text 256 wide x 3 layers."""
-    cfg = _cfg(
+    return _cfg(
         "tinyclip_vit_8m_16_text_3m", width=256, layers=10, patch=16, text_width=256, text_heads=4, text_layers=3
     )
-    return _create(cfg, **kwargs)
 
 
 @register_student
-def tinyclip_vit_39m_16_text_19m(**kwargs: Any) -> CLIPStudent:
+def tinyclip_vit_39m_16_text_19m() -> StudentCfg:
     """TinyCLIP ViT-39M/16 Text-19M: ViT width 512 x 12 layers, patch 16; text 512 wide x 6 layers."""
-    cfg = _cfg(
+    return _cfg(
         "tinyclip_vit_39m_16_text_19m", width=512, layers=12, patch=16, text_width=512, text_heads=8, text_layers=6
     )
-    return _create(cfg, **kwargs)
 
 
 @register_student
-def tinyclip_vit_40m_32_text_19m(**kwargs: Any) -> CLIPStudent:
+def tinyclip_vit_40m_32_text_19m() -> StudentCfg:
     """TinyCLIP ViT-40M/32 Text-19M: ViT width 512 x 12 layers, patch 32; text 512 wide x 6 layers."""
-    cfg = _cfg(
+    return _cfg(
         "tinyclip_vit_40m_32_text_19m", width=512, layers=12, patch=32, text_width=512, text_heads=8, text_layers=6
     )
-    return _create(cfg, **kwargs)
 
 
 @register_student
-def tinyclip_vit_61m_32_text_29m(**kwargs: Any) -> CLIPStudent:
+def tinyclip_vit_61m_32_text_29m() -> StudentCfg:
     """TinyCLIP ViT-61M/32 Text-29M: ViT width 640 x 12 layers, patch 32; text 512 wide x 9 layers."""
-    cfg = _cfg(
+    return _cfg(
         "tinyclip_vit_61m_32_text_29m", width=640, layers=12, patch=32, text_width=512, text_heads=8, text_layers=9
     )
-    return _create(cfg, **kwargs)

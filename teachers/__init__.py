@@ -1,18 +1,21 @@
 """Frozen CLIP teachers (open_clip, Hugging Face transformers, ensembles) and synthetic-caption generators.
 
-Public API: ``create_teacher`` / ``create_captioner`` and their registries, the ``Teacher`` interface,
-``TeacherEnsemble`` / ``as_ensemble``, and the frozen ``TeacherCfg`` / ``CaptionerCfg`` / ``WeightSpec`` configs.
-Heavy modules (open_clip, transformers) load on first use, so importing this package stays cheap. Contracts:
-docs/DESIGN.md "teachers".
+Public API: ``create_teacher`` / ``create_captioner`` (``teachers.factory``) and their registries
+(``teachers.registry``; the published checkpoints are registered in ``teachers.published``), the ``Teacher``
+interface, ``TeacherEnsemble`` / ``as_ensemble``, and the frozen ``TeacherCfg`` / ``CaptionerCfg`` / ``WeightSpec``
+configs. Contracts: docs/DESIGN.md "teachers".
+
+``import teachers`` imports only the registries (no torch, no open_clip), so listing names stays cheap
+(``distill zoo``); the factory and the model classes are imported on first access (PEP 562 ``__getattr__``).
 """
 
-from . import zoo  # noqa: F401  (registers the named teachers and captioners)
-from ._registry import (
+import importlib
+
+from . import published  # noqa: F401  (registers the named teachers and captioners)
+from .registry import (
     CaptionerCfg,
     TeacherCfg,
     WeightSpec,
-    create_captioner,
-    create_teacher,
     get_captioner_cfg,
     get_teacher_cfg,
     list_captioners,
@@ -21,24 +24,23 @@ from ._registry import (
     register_teacher,
 )
 
+# name -> the module defining it; these import torch and open_clip, so they load on first access
+_LAZY = {
+    "create_teacher": "factory",
+    "create_captioner": "factory",
+    "Teacher": "teacher",
+    "OpenClipTeacher": "open_clip_teacher",
+    "HFTeacher": "hf_teacher",
+    "TeacherEnsemble": "ensemble",
+    "as_ensemble": "ensemble",
+    "Captioner": "captioners",
+    "clean_caption": "captioners",
+}
 
-def __getattr__(name: str):  # PEP 562: keep torch/open_clip out of `import teachers`
-    if name in ("Teacher", "OpenClipTeacher"):
-        from . import open_clip_teacher
 
-        return getattr(open_clip_teacher, name)
-    if name == "HFTeacher":
-        from . import hf_teacher
-
-        return hf_teacher.HFTeacher
-    if name in ("TeacherEnsemble", "as_ensemble"):
-        from . import ensemble
-
-        return getattr(ensemble, name)
-    if name in ("Captioner", "clean_caption"):
-        from . import captioners
-
-        return getattr(captioners, name)
+def __getattr__(name: str) -> object:  # PEP 562: keep torch/open_clip out of `import teachers`
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

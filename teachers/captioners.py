@@ -18,21 +18,41 @@ captions (never with empty strings).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any
+import pickle
+from typing import TYPE_CHECKING
 
 import torch
+from open_clip.coca_model import CoCa
 from torch import nn
 
-from ._hf import hf_location, hf_offline_error, interp_from_resample
-from ._open_clip_loader import load_open_clip, square_size
-from ._pixels import normalize_pixels, resize_pixels, to_unit_float
-from ._registry import CaptionerCfg
+from mcd_common import UsageError
+from mcd_common._open_clip import coca_encode_image
+
+from ._hf import hf_load_error, hf_location
+from ._open_clip_loader import load_open_clip
+from .preprocess import (
+    checkpoint_preprocess,
+    interpolation_from_resample,
+    prepare_pixels,
+    resolve_preprocess,
+)
+from .registry import CaptionerCfg
+from .teacher import TextTokenizer
+
+if TYPE_CHECKING:  # annotations only: transformers is imported when a Hugging Face captioner is built
+    from transformers import PreTrainedTokenizerBase
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Captioner", "OpenClipCaptioner", "HFCaptioner", "build_captioner", "clean_caption"]
+__all__ = [
+    "Captioner",
+    "HFCaptioner",
+    "OpenClipCaptioner",
+    "build_hf_captioner",
+    "build_open_clip_captioner",
+    "clean_caption",
+]
 
 # A fixed odd stride between retry seeds so retries never reuse a stream of a nearby user seed.
 _RETRY_SEED_STRIDE = 1_000_003
@@ -79,9 +99,7 @@ class Captioner(nn.Module):
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 / ``[0, 1]`` pixels -> normalised float at ``image_size``."""
-        x = to_unit_float(pixels.to(self.mean.device, non_blocking=True))
-        x = resize_pixels(x, (self.image_size, self.image_size), self.interpolation)
-        return normalize_pixels(x, self.mean, self.std)
+        return prepare_pixels(pixels, self.image_size, self.interpolation, self.mean, self.std)
 
     @torch.no_grad()
     def generate(
@@ -111,7 +129,7 @@ class Captioner(nn.Module):
             ``B`` lists of up to ``num_captions`` non-empty, stripped first sentences.
         """
         if num_captions < 0:
-            raise ValueError(f"num_captions must be >= 0, got {num_captions}")
+            raise UsageError(f"num_captions must be >= 0, got {num_captions}")
         x = self.prepare(pixels)
         batch = x.shape[0]
         captions: list[list[str]] = [[] for _ in range(batch)]
@@ -163,10 +181,10 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 class OpenClipCaptioner(Captioner):
     """An open_clip CoCa captioner with top-p sampling (see the module docstring for why the loop lives here)."""
 
-    def __init__(self, cfg: CaptionerCfg, model: nn.Module, tokenizer: Any, min_len: int = 5) -> None:
+    def __init__(self, cfg: CaptionerCfg, model: nn.Module, tokenizer: TextTokenizer, min_len: int = 5) -> None:
         super().__init__(cfg)
-        if not hasattr(model, "text_decoder"):
-            raise TypeError(f"captioner {cfg.name!r}: {cfg.arch!r} is not a CoCa model (no text decoder)")
+        if not isinstance(model, CoCa):
+            raise UsageError(f"captioner {cfg.name!r}: {cfg.arch!r} is not a CoCa model (no text decoder)")
         self.model = model
         self.tokenizer = tokenizer
         self.min_len = min_len
@@ -182,9 +200,9 @@ class OpenClipCaptioner(Captioner):
         model = self.model
         max_len = min(max_len, self.max_context)
         if max_len <= self.min_len:
-            raise ValueError(f"max_len must exceed the minimum caption length {self.min_len}, got {max_len}")
+            raise UsageError(f"max_len must exceed the minimum caption length {self.min_len}, got {max_len}")
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        image_latent, image_embs = model._encode_image(x)  # encode once, reuse at every step
+        image_latent, image_embs = coca_encode_image(model, x)  # encode once, reuse at every step
         out = torch.full((x.shape[0], 1), self.sot_id, dtype=torch.long, device=x.device)
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for cur_len in range(1, max_len):
@@ -218,7 +236,7 @@ class OpenClipCaptioner(Captioner):
 class HFCaptioner(Captioner):
     """A Hugging Face image-to-text captioner (BLIP, GIT) sampled with ``generate(do_sample=True, top_p=...)``."""
 
-    def __init__(self, cfg: CaptionerCfg, model: nn.Module, tokenizer: Any) -> None:
+    def __init__(self, cfg: CaptionerCfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__(cfg)
         self.model = model
         self.tokenizer = tokenizer
@@ -241,7 +259,14 @@ class HFCaptioner(Captioner):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def _build_hf_captioner(cfg: CaptionerCfg) -> HFCaptioner:
+def build_hf_captioner(cfg: CaptionerCfg) -> HFCaptioner:
+    """Load a Hugging Face BLIP / GIT captioner (``cfg.source == "hf"``) and resolve its preprocessing.
+
+    Raises:
+        UsageError: an unsupported model type, or weights holding pickled objects.
+        RuntimeError: The model cannot be loaded (offline and not cached); names the local-directory option.
+    """
+    # NOTE: transformers is a heavy import (~2 s); only Hugging Face captioners need it.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, BlipForConditionalGeneration
 
     location, local_only = hf_location("captioner", cfg.name, cfg.arch, cfg.weights)
@@ -252,26 +277,23 @@ def _build_hf_captioner(cfg: CaptionerCfg) -> HFCaptioner:
         elif config.model_type == "git":
             model = AutoModelForCausalLM.from_pretrained(location, local_files_only=local_only)
         else:
-            raise ValueError(f"captioner {cfg.name!r}: unsupported model type {config.model_type!r} (blip, git)")
+            raise UsageError(f"captioner {cfg.name!r}: unsupported model type {config.model_type!r} (blip, git)")
         processor = AutoProcessor.from_pretrained(location, local_files_only=local_only)
-    except OSError as err:
-        raise hf_offline_error("captioner", cfg.name, location, err) from err
+    except (OSError, pickle.UnpicklingError) as err:
+        raise hf_load_error("captioner", cfg.name, location, err) from err
     model.eval().requires_grad_(False)
     image_processor = processor.image_processor
-    resolved = dataclasses.replace(
-        cfg,
-        image_size=cfg.image_size or int(model.config.vision_config.image_size),
-        mean=cfg.mean or tuple(float(v) for v in image_processor.image_mean),
-        std=cfg.std or tuple(float(v) for v in image_processor.image_std),
-        interpolation=cfg.interpolation or interp_from_resample(getattr(image_processor, "resample", None)),
+    found = checkpoint_preprocess(
+        model.config.vision_config.image_size,
+        image_processor.image_mean,
+        image_processor.image_std,
+        interpolation_from_resample(getattr(image_processor, "resample", None)),
     )
-    return HFCaptioner(resolved, model, processor.tokenizer)
+    return HFCaptioner(resolve_preprocess(cfg, found), model, processor.tokenizer)
 
 
-def build_captioner(cfg: CaptionerCfg) -> Captioner:
-    """Load a captioner from a config (``create_captioner`` calls this)."""
-    if cfg.source == "hf":
-        return _build_hf_captioner(cfg)
+def build_open_clip_captioner(cfg: CaptionerCfg) -> OpenClipCaptioner:
+    """Load an open_clip CoCa captioner (``cfg.source == "open_clip"``) and resolve its preprocessing."""
     loaded = load_open_clip(
         kind="captioner",
         name=cfg.name,
@@ -282,13 +304,4 @@ def build_captioner(cfg: CaptionerCfg) -> Captioner:
         image_size=cfg.image_size,
         flag="--captioner_weights",
     )
-    pp = loaded.preprocess
-    interpolation = pp.get("interpolation", "bicubic")
-    resolved = dataclasses.replace(
-        cfg,
-        image_size=cfg.image_size or square_size(pp["size"]),
-        mean=cfg.mean or tuple(float(v) for v in pp["mean"]),
-        std=cfg.std or tuple(float(v) for v in pp["std"]),
-        interpolation=cfg.interpolation or (interpolation if interpolation in ("bilinear", "nearest") else "bicubic"),
-    )
-    return OpenClipCaptioner(resolved, loaded.model, loaded.tokenizer)
+    return OpenClipCaptioner(resolve_preprocess(cfg, loaded.preprocess), loaded.model, loaded.tokenizer)

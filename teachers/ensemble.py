@@ -15,12 +15,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ._registry import TeacherCfg, create_teacher, get_teacher_cfg
-from .open_clip_teacher import Teacher
+from mcd_common import UsageError
+
+from .registry import TeacherCfg, get_teacher_cfg
+from .teacher import Teacher
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["TeacherEnsemble", "as_ensemble", "build_ensemble"]
+__all__ = ["TeacherEnsemble", "as_ensemble", "member_cfgs"]
 
 
 def _key(name: str) -> str:
@@ -139,16 +141,19 @@ def as_ensemble(teacher: Teacher | TeacherEnsemble) -> TeacherEnsemble:
     return TeacherEnsemble([teacher], name=teacher.name)
 
 
-def build_ensemble(cfg: TeacherCfg) -> TeacherEnsemble:
-    """Build each member of an ensemble config, applying the ensemble's logit scales to them."""
+def member_cfgs(cfg: TeacherCfg) -> list[TeacherCfg]:
+    """The configs of an ensemble's members, in slice order, with the ensemble's logit scales applied to them.
+
+    Raises:
+        UsageError: a member that is itself an ensemble.
+    """
     members = []
     for i, member in enumerate(cfg.members):
         member_cfg = get_teacher_cfg(member)
         if member_cfg.source == "ensemble":
-            raise ValueError(f"teacher {cfg.name!r}: member {member!r} is itself an ensemble")
+            raise UsageError(f"teacher {cfg.name!r}: member {member!r} is itself an ensemble")
         scale = cfg.member_logit_scales[i] if cfg.member_logit_scales else cfg.logit_scale
         if scale is not None:
             member_cfg = dataclasses.replace(member_cfg, logit_scale=float(scale))
-        members.append(create_teacher(member_cfg))
-    _logger.info("teacher ensemble %s: %s", cfg.name, {t.name: t.logit_scale for t in members})
-    return TeacherEnsemble(members, name=cfg.name)
+        members.append(member_cfg)
+    return members

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+import pickle
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ._hf import hf_location, hf_offline_error, interp_from_resample
-from ._registry import TeacherCfg
-from .open_clip_teacher import Teacher
+from mcd_common import UsageError
+
+from ._hf import hf_load_error, hf_location
+from .preprocess import checkpoint_preprocess, interpolation_from_resample, resolve_preprocess
+from .registry import TeacherCfg
+from .teacher import Teacher
+
+if TYPE_CHECKING:  # annotations only: transformers is imported when a Hugging Face teacher is built
+    from transformers import PreTrainedTokenizerBase
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["HFTeacher", "build_hf_teacher"]
 
 
-def _features(out: Any) -> torch.Tensor:
+def _features(out: object) -> torch.Tensor:
     # transformers >= 5 returns a ModelOutput whose pooler_output holds the projected features; 4.x a tensor.
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -40,7 +47,7 @@ class HFTeacher(Teacher):
         embed_dim: Projection width.
     """
 
-    def __init__(self, cfg: TeacherCfg, model: nn.Module, tokenizer: Any, embed_dim: int) -> None:
+    def __init__(self, cfg: TeacherCfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase, embed_dim: int) -> None:
         learned = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
         super().__init__(cfg, embed_dim=embed_dim, learned_logit_scale=learned)
         self.model = model
@@ -73,8 +80,11 @@ def build_hf_teacher(cfg: TeacherCfg) -> HFTeacher:
     """Load a transformers CLIP/SigLIP teacher and resolve its preprocessing into its cfg.
 
     Raises:
+        UsageError: an unsupported model type, weights holding pickled objects, or an image size other than the
+            checkpoint's.
         RuntimeError: The model cannot be loaded (offline and not cached); names the local-directory option.
     """
+    # NOTE: transformers is a heavy import (~2 s); only Hugging Face teachers need it.
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
 
     location, local_only = hf_location("teacher", cfg.name, cfg.arch, cfg.weights)
@@ -82,24 +92,28 @@ def build_hf_teacher(cfg: TeacherCfg) -> HFTeacher:
         config = AutoConfig.from_pretrained(location, local_files_only=local_only)
         classes = {"clip": CLIPModel, "siglip": SiglipModel}
         if config.model_type not in classes:
-            raise ValueError(f"teacher {cfg.name!r}: unsupported model type {config.model_type!r} (clip, siglip)")
+            raise UsageError(f"teacher {cfg.name!r}: unsupported model type {config.model_type!r} (clip, siglip)")
         model = classes[config.model_type].from_pretrained(location, local_files_only=local_only)
         image_processor = AutoImageProcessor.from_pretrained(location, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-    except OSError as err:
-        raise hf_offline_error("teacher", cfg.name, location, err) from err
+    except (OSError, pickle.UnpicklingError) as err:
+        raise hf_load_error("teacher", cfg.name, location, err) from err
     model.eval().requires_grad_(False)
-    resolved = dataclasses.replace(
-        cfg,
-        image_size=cfg.image_size or int(model.config.vision_config.image_size),
-        mean=cfg.mean or tuple(float(v) for v in image_processor.image_mean),
-        std=cfg.std or tuple(float(v) for v in image_processor.image_std),
-        interpolation=cfg.interpolation or interp_from_resample(getattr(image_processor, "resample", None)),
-        context_length=cfg.context_length or int(model.config.text_config.max_position_embeddings),
+    vision = model.config.vision_config
+    found = checkpoint_preprocess(
+        vision.image_size,
+        image_processor.image_mean,
+        image_processor.image_std,
+        interpolation_from_resample(getattr(image_processor, "resample", None)),
     )
-    native = int(model.config.vision_config.image_size)
-    if resolved.image_size != native:
+    resolved = resolve_preprocess(cfg, found)
+    resolved = dataclasses.replace(
+        resolved, context_length=cfg.context_length or int(model.config.text_config.max_position_embeddings)
+    )
+    if resolved.image_size != int(vision.image_size):
         # Position embeddings are not interpolated here; a different size would silently change the model.
-        raise ValueError(f"teacher {cfg.name!r}: image_size {resolved.image_size} != the checkpoint's {native}")
+        raise UsageError(
+            f"teacher {cfg.name!r}: image_size {resolved.image_size} != the checkpoint's {vision.image_size}"
+        )
     _logger.info("teacher %s: loaded %s from %s", cfg.name, type(model).__name__, location)
     return HFTeacher(resolved, model, tokenizer, _embed_dim(model))

@@ -62,3 +62,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+class _RunsCode:
+    """Unpickling this runs `open(marker, "w")`: the marker file proves that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+def _write_malicious_checkpoint(path, marker, state: dict | None = None, style: str = "reduce"):  # noqa: ANN001, ANN202
+    """A torch file that runs code when unpickled without `weights_only` (creating `marker`); returns `path`.
+
+    `style="reduce"`: `state` (default `{}`) plus an object with a code-running `__reduce__`. `style="typeerror"`:
+    a pickle that makes the `weights_only` unpickler raise `TypeError` before the code-running call, the case
+    where open_clip's `load_state_dict` retries without `weights_only` (which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+    then turns into a full unpickle).
+    """
+    import io
+    import zipfile
+
+    if style == "reduce":
+        torch.save({**(state or {}), "evil": _RunsCode(str(marker))}, path)
+        return path
+    buf = io.BytesIO()
+    torch.save({"a": torch.ones(1)}, buf)
+    m = str(marker).encode()
+    # BUILD an OrderedDict with a (None, slots) state: the weights_only unpickler's dict.update raises TypeError,
+    # the full unpickler sets the slot; then GLOBAL builtins.open + REDUCE creates the marker.
+    payload = (
+        b"\x80\x02ccollections\nOrderedDict\n)RN}X\x01\x00\x00\x00xK\x01s\x86b0"
+        b"cbuiltins\nopen\nX" + len(m).to_bytes(4, "little") + m + b"X\x01\x00\x00\x00w\x86R0}."
+    )
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item, payload if item.filename.endswith("data.pkl") else zin.read(item.filename))
+    return path
+
+
+@pytest.fixture
+def malicious_checkpoint():  # noqa: ANN201
+    """`malicious_checkpoint(path, marker, state=None, style="reduce")`: see `_write_malicious_checkpoint`."""
+    return _write_malicious_checkpoint

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from mcd_common import UsageError
-from mcd_common.weights import WeightSpec, load_torch_bytes, read_state_dict_file, read_weights
+from mcd_common.weights import WeightSpec, load_torch_bytes, read_state_dict_file, read_weights, state_dict_mismatch
 
 
 class _Payload:
@@ -34,6 +34,29 @@ def test_malicious_pickle_is_refused_even_with_the_force_variable(tmp_path, monk
     with pytest.raises(UsageError, match="refusing to load"):
         load_torch_bytes(evil.read_bytes())
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("force_unsafe", [False, True])
+def test_pickle_that_trips_the_weights_only_unpickler_is_refused(
+    tmp_path, monkeypatch, malicious_checkpoint, force_unsafe
+):
+    # the file open_clip's load_state_dict retries without weights_only (TypeError), i.e. runs with the variable set
+    if force_unsafe:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(tmp_path / "evil.pt", marker, style="typeerror")
+    with pytest.raises(UsageError, match="refusing to load") as info:
+        read_weights(evil, what="--teacher_weights")
+    assert not marker.exists() and str(evil) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_state_dict_mismatch_is_one_line():
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3, 3)}
+    assert state_dict_mismatch(expected, {"a": torch.ones(2), "b": torch.ones(3, 3)}) == ""
+    msg = state_dict_mismatch(expected, {"b": torch.ones(3, 2), "c": torch.ones(1)})
+    assert msg == "missing: a; unexpected: c; shape mismatch: b: file (3, 2) vs model (3, 3)"
+    many = state_dict_mismatch({f"k{i}": torch.zeros(1) for i in range(20)}, {}, limit=3)
+    assert many == "missing: k0, k1, k10, ... (20 in all)"
 
 
 def test_torch_and_safetensors_are_detected_from_content(tmp_path):

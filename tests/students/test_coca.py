@@ -106,7 +106,7 @@ def test_module_layout_and_state_dict_match_open_clip_coca() -> None:
     for name in ("test_tiny_coca", "tiny_coca"):
         cfg = students.get_student_cfg(name)
         with torch.device("meta"):  # shapes only: no time spent initialising
-            ours, reference = CLIPStudent(cfg), _open_clip_coca(cfg)
+            ours, reference = students.build_student(cfg), _open_clip_coca(cfg)
         assert type(ours) is CoCaStudent and ours.caption_loss_enabled
         assert {k: v.shape for k, v in ours.state_dict().items()} == {
             k: v.shape for k, v in reference.state_dict().items()
@@ -117,6 +117,9 @@ def test_module_layout_and_state_dict_match_open_clip_coca() -> None:
     assert not students.create_student("test_tiny").caption_loss_enabled
     with pytest.raises(ValueError, match="not a CoCa"):
         CoCaStudent(students.get_student_cfg("test_tiny"))
+    # the factory chooses the class: a plain CLIPStudent refuses a config whose decoder it would drop
+    with pytest.raises(ValueError, match="build_student"), torch.device("meta"):
+        CLIPStudent(students.get_student_cfg("test_tiny_coca"))
 
 
 def test_student_interface(coca: CoCaStudent, tiny_batch) -> None:  # noqa: ANN001

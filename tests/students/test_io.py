@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import students
+from mcd_common import UsageError
 from students import load_student, save_student
 
 
@@ -107,10 +108,10 @@ def test_save_is_atomic_and_overwrites(tiny_student, tmp_path) -> None:  # noqa:
 
 
 def test_load_errors(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="no such directory"):
         load_student(tmp_path / "nothing")
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    with pytest.raises(UsageError, match="open_clip_config.json"):
         load_student(tmp_path)
     torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "x.ckpt")
-    with pytest.raises(ValueError, match="student_cfg"):
+    with pytest.raises(UsageError, match="student_cfg"):
         load_student(tmp_path / "x.ckpt")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import students
+from mcd_common import UnknownNameError, UsageError
 from students import WeightSpec, create_student, get_student_cfg, list_students, register_student, save_student
-from students import _registry as registry
+from students.towers import CLIPStudent
 
 
 def test_list_students() -> None:
@@ -20,14 +21,14 @@ def test_list_students() -> None:
 
 
 def test_unknown_name_lists_close_matches() -> None:
-    with pytest.raises(KeyError, match="mobileclip_s0"):
+    with pytest.raises(UnknownNameError, match="mobileclip_s0"):
         create_student("mobileclip_s00")
-    with pytest.raises(KeyError, match="dfndr2b"):
+    with pytest.raises(UnknownNameError, match="dfndr2b"):
         create_student("mobileclip2_s0.nope")
 
 
 def test_duplicate_registration_raises() -> None:
-    def test_tiny(**kwargs):  # noqa: ANN003, ANN202 - same name as a registered variant
+    def test_tiny():  # noqa: ANN202 - same name as a registered variant
         raise AssertionError
 
     with pytest.raises(ValueError, match="already registered"):
@@ -46,7 +47,7 @@ def test_get_student_cfg_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     def _no_build(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("get_student_cfg must not build a model")
 
-    monkeypatch.setattr(registry, "CLIPStudent", _no_build)
+    monkeypatch.setattr(CLIPStudent, "__init__", _no_build)
     cfg = get_student_cfg("mobileclip2_s4", image_size=128)
     assert cfg.embed_dim == 768 and cfg.image.image_size == 128 and cfg.image.timm_model_name == "fastvit_mci4"
 
@@ -69,7 +70,7 @@ def test_weights_that_do_not_fit_raise(tiny_student, tmp_path) -> None:  # noqa:
     save_student(tiny_student, tmp_path)
     with pytest.raises(ValueError, match="shape mismatch"):
         create_student("test_tiny", embed_dim=16, weights=WeightSpec(file=str(tmp_path)))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="no such file"):
         create_student("test_tiny", weights=WeightSpec(file=str(tmp_path / "missing.safetensors")))
 
 

@@ -128,6 +128,15 @@ def test_reparameterize_preserves_outputs(name: str, perturb, tiny_batch) -> Non
         assert (before[key] - after[key]).abs().max() < 1e-5
 
 
+def test_reparameterize_model_counts_what_it_folds(perturb) -> None:  # noqa: ANN001
+    student = perturb(students.create_student("test_tiny_mci")).eval()
+    foldable = [m for m in student.visual.modules() if hasattr(m, "reparameterize")]
+    assert students.reparameterize_model(student.visual) == len(foldable) > 0
+    # every MobileOne/RepMixer block now runs its single folded convolution
+    blocks = [m for m in student.visual.modules() if hasattr(m, "reparam_conv")]
+    assert blocks and all(m.reparam_conv is not None for m in blocks)
+
+
 def test_custom_cfg_builds_native_vit() -> None:
     cfg = StudentCfg(
         embed_dim=16,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import teachers
+from mcd_common import UsageError
 from teachers import WeightSpec
 from teachers.captioners import Captioner, clean_caption, top_p_filter
 
@@ -81,7 +82,7 @@ def test_coca_local_dir(tmp_path: Path, local_dir_writer) -> None:
     x = torch.rand(2, 3, 32, 32)
     got = cap._sample(cap.prepare(x), seed=0, top_p=1e-9, max_len=8)
     assert got == [_decode(row) for row in _naive_greedy(model, cap.prepare(x), max_len=8).tolist()]
-    with pytest.raises(TypeError, match="CoCa"):
+    with pytest.raises(UsageError, match="CoCa"):
         teachers.create_captioner("local-dir:" + str(_clip_dir(tmp_path, local_dir_writer)))
 
 

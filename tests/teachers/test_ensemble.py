@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import teachers
-from teachers import _registry
-from teachers._registry import TeacherCfg
+from teachers import registry
+from teachers.registry import TeacherCfg
 
 
 def test_tiny_ensemble_order_and_outputs() -> None:
@@ -79,4 +79,4 @@ def test_as_ensemble() -> None:
 
 @pytest.fixture
 def scratch_teachers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_registry, "_TEACHERS", dict(_registry._TEACHERS))
+    monkeypatch.setattr(registry, "_TEACHERS", dict(registry._TEACHERS))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import teachers
+from mcd_common import UnknownNameError, UsageError
 from teachers import TeacherCfg, WeightSpec
 
 OPENAI_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
@@ -68,8 +69,10 @@ def test_local_dir_uses_directory_preprocessing(tmp_path: Path, open_clip_tiny, 
 
 
 def test_local_dir_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    with pytest.raises(UsageError, match="open_clip_config.json"):
         teachers.create_teacher(f"local-dir:{tmp_path}")
+    with pytest.raises(UsageError, match="no such directory"):
+        teachers.create_teacher(f"local-dir:{tmp_path / 'missing'}")
     # a directory with a config but no weights must not silently become a random teacher
     import json
 
@@ -79,7 +82,7 @@ def test_local_dir_errors(tmp_path: Path) -> None:
 
     add_tiny_model_configs()
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("RN50")}))
-    with pytest.raises(RuntimeError, match="random"):
+    with pytest.raises(UsageError, match="random"):
         teachers.create_teacher(f"local-dir:{tmp_path}")
 
 
@@ -148,15 +151,15 @@ def test_offline_hub_error_names_local_options() -> None:
 
 
 def test_never_random_without_allow_random(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="refusing to use random"):
+    with pytest.raises(UsageError, match="refusing to use random"):
         teachers.create_teacher(TeacherCfg(name="not_a_test_model", arch="test-tiny-clip"))
-    with pytest.raises(RuntimeError, match="refusing to use random"):
+    with pytest.raises(UsageError, match="refusing to use random"):
         teachers.create_teacher("open_clip:test-tiny-clip")
-    with pytest.raises(ValueError, match="neither a pretrained tag"):
+    with pytest.raises(UsageError, match="neither a pretrained tag"):
         teachers.create_teacher("open_clip:test-tiny-clip@no_such_tag")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="no such file"):
         teachers.create_teacher("test_tiny", weights=WeightSpec(file=str(tmp_path / "missing.pt")))
-    with pytest.raises(KeyError, match="ViT-B-32"):
+    with pytest.raises(UnknownNameError, match="ViT-B-32"):
         teachers.create_teacher("open_clip:ViT-B-23")
 
 

@@ -8,15 +8,16 @@ import json
 import pytest
 
 import teachers
-from teachers import _registry
-from teachers._registry import CaptionerCfg, TeacherCfg, WeightSpec
+from mcd_common import UnknownNameError
+from teachers import registry
+from teachers.registry import CaptionerCfg, TeacherCfg, WeightSpec
 
 
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Copies of the registries so tests can register names without leaking them."""
-    monkeypatch.setattr(_registry, "_TEACHERS", dict(_registry._TEACHERS))
-    monkeypatch.setattr(_registry, "_CAPTIONERS", dict(_registry._CAPTIONERS))
+    monkeypatch.setattr(registry, "_TEACHERS", dict(registry._TEACHERS))
+    monkeypatch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
 
 
 def test_import_is_light() -> None:
@@ -64,12 +65,12 @@ def test_registered_names() -> None:
 
 
 def test_unknown_name_lists_close_matches() -> None:
-    with pytest.raises(KeyError, match="vit_l14.openai"):
+    with pytest.raises(UnknownNameError, match="vit_l14.openai"):
         teachers.get_teacher_cfg("vit_l14.opnai")
-    with pytest.raises(KeyError, match="test_tiny_coca"):
+    with pytest.raises(UnknownNameError, match="test_tiny_coca"):
         teachers.create_captioner("test_tiny_coco")
     # A misspelt member of a comma-separated ensemble fails before anything is loaded.
-    with pytest.raises(KeyError, match="test_tiny_b"):
+    with pytest.raises(UnknownNameError, match="test_tiny_b"):
         teachers.create_teacher("test_tiny,test_tiny_c")
 
 
@@ -102,15 +103,15 @@ def test_source_specs() -> None:
 
 def test_overrides_drop_none_and_weights_replace() -> None:
     cfg = teachers.get_teacher_cfg("vit_l14.dfn2b")
-    same = _registry._apply_overrides(cfg, None, {"logit_scale": None, "image_size": None})
+    same = registry.apply_overrides(cfg, None, {"logit_scale": None, "image_size": None})
     assert same == cfg
     spec = WeightSpec(file="/ckpt.safetensors")
-    new = _registry._apply_overrides(cfg, spec, {"logit_scale": 50.0})
+    new = registry.apply_overrides(cfg, spec, {"logit_scale": 50.0})
     assert new.weights == spec and new.logit_scale == 50.0 and new.arch == cfg.arch
     with pytest.raises(TypeError):
-        _registry._apply_overrides(cfg, None, {"not_a_field": 1})
+        registry.apply_overrides(cfg, None, {"not_a_field": 1})
     # An empty WeightSpec does not clobber the registered source.
-    assert _registry._apply_overrides(cfg, WeightSpec(), {}).weights == cfg.weights
+    assert registry.apply_overrides(cfg, WeightSpec(), {}).weights == cfg.weights
 
 
 def test_ensemble_rejects_single_weights_file() -> None:

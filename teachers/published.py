@@ -1,4 +1,4 @@
-"""Registered teachers and captioners: the real checkpoints (hub weights) and the tiny test models.
+"""The published teachers and captioners registered by name: the real checkpoints (hub weights) and tiny test models.
 
 Real entries need their weights from the Hugging Face Hub (or the open_clip URLs), so offline they are listed by
 ``distill zoo`` and loadable only with a local file (``--teacher_weights PATH``) or directory (``local-dir:``).
@@ -12,7 +12,7 @@ Tiny entries (``test_tiny*``) use the open_clip configs in ``teachers/configs/``
 
 from __future__ import annotations
 
-from ._registry import CaptionerCfg, TeacherCfg, WeightSpec, register_captioner, register_teacher
+from .registry import CaptionerCfg, TeacherCfg, WeightSpec, register_captioner, register_teacher
 
 __all__: list[str] = []
 

@@ -1,11 +1,12 @@
-"""Teacher and captioner registries: frozen configs, name resolution and the ``create_*`` factories.
+"""Teacher and captioner registries: frozen configs and name resolution (``teachers.factory`` builds from them).
 
 Teachers are configurations of existing checkpoints, so they are registered as data (open_clip's
 ``pretrained.py`` style) rather than as builder functions (timm's style, used for students). The registry core
 mirrors ``timm/models/_registry.py``: module-level dicts, ``fnmatch`` listing, ``difflib`` suggestions for unknown
 names. Unlike timm, registering a duplicate raises.
 
-Besides registered names, ``create_teacher`` accepts source prefixes (``timm.create_model``'s ``hf-hub:`` idea):
+Besides registered names, ``get_teacher_cfg`` (and so ``create_teacher``) accepts source prefixes
+(``timm.create_model``'s ``hf-hub:`` idea):
 
 - ``local-dir:PATH``: an open_clip directory (``open_clip_config.json`` + weights), e.g. a student trained here;
 - ``open_clip:ARCH`` or ``open_clip:ARCH@TAG_OR_FILE``: any open_clip architecture and pretrained tag or file;
@@ -21,13 +22,12 @@ import dataclasses
 import difflib
 import fnmatch
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal, TypeVar
 
-if TYPE_CHECKING:
-    from .captioners import Captioner
-    from .ensemble import TeacherEnsemble
-    from .open_clip_teacher import Teacher
+from mcd_common import UnknownNameError, UsageError
+from mcd_common.weight_spec import WeightSpec
 
 _logger = logging.getLogger(__name__)
 
@@ -35,12 +35,11 @@ __all__ = [
     "WeightSpec",
     "TeacherCfg",
     "CaptionerCfg",
+    "apply_overrides",
     "register_teacher",
-    "create_teacher",
     "list_teachers",
     "get_teacher_cfg",
     "register_captioner",
-    "create_captioner",
     "list_captioners",
     "get_captioner_cfg",
     "LOCAL_DIR_PREFIX",
@@ -53,33 +52,6 @@ OPEN_CLIP_PREFIX = "open_clip:"
 HF_PREFIX = "hf:"
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """Where a checkpoint's weights come from, resolved in the order ``file > hf_hub > url``.
-
-    An empty spec means "use the config's own source" (an open_clip pretrained tag, a ``local-dir:`` directory or a
-    Hugging Face id).
-    """
-
-    file: str | None = None
-    """Local checkpoint: an open_clip state dict (``.safetensors``, or ``.pt``/``.bin`` read with
-    ``torch.load(weights_only=True)``), or for Hugging Face sources a saved model directory."""
-    hf_hub: str | None = None
-    """Hugging Face Hub location in open_clip's ``org/repo/`` or ``org/repo/filename`` form."""
-    url: str | None = None
-    """Plain URL of a checkpoint file."""
-
-    def __post_init__(self) -> None:
-        # Accept Path objects from callers but persist plain strings (configs are written to JSON).
-        if self.file is not None and not isinstance(self.file, str):
-            object.__setattr__(self, "file", str(self.file))
-
-    @property
-    def is_empty(self) -> bool:
-        """True when no source is set."""
-        return not (self.file or self.hf_hub or self.url)
 
 
 @dataclass(frozen=True)
@@ -131,21 +103,21 @@ class TeacherCfg:
             object.__setattr__(self, "weights", WeightSpec(**self.weights))
         if self.source == "ensemble":
             if not self.members:
-                raise ValueError(f"teacher {self.name!r}: an ensemble needs at least one member")
+                raise UsageError(f"teacher {self.name!r}: an ensemble needs at least one member")
             if self.member_logit_scales and len(self.member_logit_scales) != len(self.members):
-                raise ValueError(
+                raise UsageError(
                     f"teacher {self.name!r}: member_logit_scales has {len(self.member_logit_scales)} values for "
                     f"{len(self.members)} members"
                 )
         elif not self.arch:
-            raise ValueError(f"teacher {self.name!r}: source {self.source!r} needs an arch")
+            raise UsageError(f"teacher {self.name!r}: source {self.source!r} needs an arch")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-serialisable dict (tuples become lists)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TeacherCfg:
+    def from_dict(cls, data: Mapping[str, object]) -> TeacherCfg:
         """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
         return cls(**data)
 
@@ -186,14 +158,14 @@ class CaptionerCfg:
         if isinstance(self.weights, dict):
             object.__setattr__(self, "weights", WeightSpec(**self.weights))
         if not self.arch:
-            raise ValueError(f"captioner {self.name!r}: needs an arch")
+            raise UsageError(f"captioner {self.name!r}: needs an arch")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CaptionerCfg:
+    def from_dict(cls, data: Mapping[str, object]) -> CaptionerCfg:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
 
@@ -202,10 +174,10 @@ _TEACHERS: dict[str, TeacherCfg] = {}
 _CAPTIONERS: dict[str, CaptionerCfg] = {}
 
 
-def _unknown(kind: str, name: str, known: dict[str, Any]) -> KeyError:
+def _unknown(kind: str, name: str, known: Mapping[str, object]) -> UnknownNameError:
     close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return KeyError(
+    return UnknownNameError(
         f"unknown {kind} {name!r}.{hint} Registered: list_{kind}s(); or use local-dir:PATH, "
         f"open_clip:ARCH[@TAG_OR_FILE] or hf:ID_OR_DIR."
     )
@@ -256,7 +228,7 @@ def get_teacher_cfg(name: str) -> TeacherCfg:
             comma-separated list of these.
 
     Raises:
-        KeyError: For an unknown registered name; the message lists close matches.
+        UnknownNameError: For an unknown registered name (also a ``KeyError``); the message lists close matches.
     """
     name = name.strip()
     if "," in name:
@@ -276,50 +248,20 @@ def get_teacher_cfg(name: str) -> TeacherCfg:
     return _TEACHERS[name]
 
 
-def _apply_overrides(cfg: Any, weights: WeightSpec | None, overrides: dict[str, Any]) -> Any:
+Cfg = TypeVar("Cfg", TeacherCfg, CaptionerCfg)
+
+
+def apply_overrides(cfg: Cfg, weights: WeightSpec | None, overrides: Mapping[str, object]) -> Cfg:
+    """`cfg` with explicit weights and field overrides applied (``None`` overrides and empty weights are dropped).
+
+    Raises:
+        TypeError: an override that is not a field of the config.
+    """
     # NOTE: like timm, None overrides are dropped so CLI defaults never clobber registered values.
     changes = {k: v for k, v in overrides.items() if v is not None}
     if weights is not None and not weights.is_empty:
         changes["weights"] = weights
     return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def create_teacher(
-    name: str | TeacherCfg, *, weights: WeightSpec | None = None, **overrides: Any
-) -> Teacher | TeacherEnsemble:
-    """Build a frozen, eval-mode teacher (or ensemble) from a name, source spec or config.
-
-    Args:
-        name: See :func:`get_teacher_cfg`; a ``TeacherCfg`` is used as is.
-        weights: Explicit weights replacing the config's source (e.g. a local file when offline).
-        **overrides: ``TeacherCfg`` fields to replace (``logit_scale=100.0``, ``image_size=...``); ``None`` values
-            are ignored.
-
-    Returns:
-        A ``Teacher`` for a single model, a ``TeacherEnsemble`` for ensembles and comma-separated names.
-
-    Raises:
-        KeyError: Unknown name (with close matches).
-        RuntimeError: Weights that cannot be fetched (e.g. offline); the message names the local-file option.
-    """
-    cfg = name if isinstance(name, TeacherCfg) else get_teacher_cfg(name)
-    if cfg.source == "ensemble" and weights is not None and not weights.is_empty:
-        raise ValueError(
-            f"teacher {cfg.name!r} is an ensemble: one weights file cannot serve several members; pass the members "
-            "as a comma-separated list of local-dir:PATH or open_clip:ARCH@FILE instead"
-        )
-    cfg = _apply_overrides(cfg, weights, overrides)
-    if cfg.source == "ensemble":
-        from .ensemble import build_ensemble
-
-        return build_ensemble(cfg)
-    if cfg.source == "hf":
-        from .hf_teacher import build_hf_teacher
-
-        return build_hf_teacher(cfg)
-    from .open_clip_teacher import build_open_clip_teacher
-
-    return build_open_clip_teacher(cfg)
 
 
 def register_captioner(cfg: CaptionerCfg) -> CaptionerCfg:
@@ -340,7 +282,7 @@ def get_captioner_cfg(name: str) -> CaptionerCfg:
     """Resolve a captioner name or source spec (``local-dir:``, ``open_clip:ARCH@TAG``, ``hf:ID``) to its config.
 
     Raises:
-        KeyError: For an unknown registered name; the message lists close matches.
+        UnknownNameError: For an unknown registered name (also a ``KeyError``); the message lists close matches.
     """
     name = name.strip()
     if name.startswith(LOCAL_DIR_PREFIX):
@@ -353,22 +295,3 @@ def get_captioner_cfg(name: str) -> CaptionerCfg:
     if name not in _CAPTIONERS:
         raise _unknown("captioner", name, _CAPTIONERS)
     return _CAPTIONERS[name]
-
-
-def create_captioner(name: str | CaptionerCfg, *, weights: WeightSpec | None = None, **overrides: Any) -> Captioner:
-    """Build a frozen, eval-mode captioner.
-
-    Args:
-        name: A registered name or source spec (see :func:`get_captioner_cfg`), or a ``CaptionerCfg``.
-        weights: Explicit weights replacing the config's source.
-        **overrides: ``CaptionerCfg`` fields to replace (``tag="coca"``); ``None`` values are ignored.
-
-    Raises:
-        KeyError: Unknown name (with close matches).
-        RuntimeError: Weights that cannot be fetched (e.g. offline); the message names the local-file option.
-    """
-    cfg = name if isinstance(name, CaptionerCfg) else get_captioner_cfg(name)
-    cfg = _apply_overrides(cfg, weights, overrides)
-    from .captioners import build_captioner
-
-    return build_captioner(cfg)
