@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from mcd_common import UsageError
-from students.convert_tinyclip import check_uniform_layers, native_vit_student_cfg
 from students.config import OPENAI_MEAN, OPENAI_STD, StudentCfg
+from students.convert_tinyclip import check_uniform_layers, native_vit_student_cfg
 
 _logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import torch
 
 from mcd_common import UsageError
 from mcd_common.weights import read_state_dict_file
+from students.config import APPLE_VIT_TIMM_NAME, StudentCfg
 from students.convert_apple import (
     APPLE_VARIANTS,
     apple_student_cfg,
@@ -41,7 +42,6 @@ from students.convert_hf import (
     read_hf_clip_config,
 )
 from students.convert_tinyclip import convert_tinyclip_state_dict, is_tinyclip_state_dict, native_vit_student_cfg
-from students.config import APPLE_VIT_TIMM_NAME, StudentCfg
 from students.towers import CLIPStudent, make_apple_vit
 
 _logger = logging.getLogger(__name__)
