@@ -177,7 +177,9 @@ def test_constrain_clamps_log_alpha_like_tinyclip() -> None:
         pruner.log_alpha["image_mlp"][0, :3] = torch.tensor([-20.0, 0.5, 20.0])
     pruner.constrain_()
     lo, hi = math.log(1e-2), math.log(1e2)
-    assert all(float(p.detach().min()) >= lo - 1e-6 and float(p.detach().max()) <= hi + 1e-6 for p in pruner.parameters())
+    assert all(
+        float(p.detach().min()) >= lo - 1e-6 and float(p.detach().max()) <= hi + 1e-6 for p in pruner.parameters()
+    )
     assert pruner.log_alpha["image_mlp"][0, :3].tolist() == pytest.approx([lo, 0.5, hi])
     assert pruner.log_alpha["text_hidden"][0].item() == pytest.approx(hi)  # init 10 -> log 100
 
