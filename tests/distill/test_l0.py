@@ -80,7 +80,13 @@ def _fit(plugin: MixedPrecision | None, *, max_steps: int = 3, prune_step: int =
     loss = DistillLoss(contrastive_weight=1.0, kd_weight=0.0, student_dim=student.embed_dim)
     optim = OptimArgs(lr=1e-3, warmup_steps=0)
     module = DistillModule(
-        student, None, loss, optim, max_steps=max_steps, hparams={"student_cfg": student.cfg.to_dict()}
+        student,
+        None,
+        loss,
+        optim,
+        max_steps=max_steps,
+        freeze_logit_scale=50.0,
+        hparams={"student_cfg": student.cfg.to_dict()},
     )
     l0 = L0PruningCallback(InheritArgs(target_sparsity=0.4, mask_lr=0.1, prune_step=prune_step), max_steps=max_steps)
     record = _Record(l0)
@@ -121,6 +127,7 @@ def test_fp16_mask_gradients_are_unscaled_and_overflow_steps_skipped() -> None:
 def test_callback_and_module_contract_prune_swap_and_schedule() -> None:
     module, trainer, l0, _ = _fit(None, max_steps=4, prune_step=2)
     assert l0.pruned and module.pruner is None
+    assert not module.student.logit_scale.requires_grad  # frozen parameters stay frozen across the swap
     assert module.hparams["student_cfg"] == module.student.cfg.to_dict() != students.get_student_cfg("test_tiny")
     report = l0.report
     assert report["pruned_at_step"] == 2 and abs(report["sparsity"] - 0.4) <= 0.02
