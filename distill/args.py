@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mcd_common import UsageError
+
 __all__ = ["DataArgs", "EvalArgs", "InheritArgs", "LossArgs", "OptimArgs", "TrainerArgs"]
 
 
@@ -169,17 +171,38 @@ class InheritArgs:
     """manual: uniform layer selection + front slicing. auto: start from the source itself and learn L0 masks that
     prune it to the target sparsity (then continue training the pruned model)."""
     target_sparsity: float = 0.5
-    """auto: fraction of prunable parameters to remove."""
-    sparsity_warmup_steps: int = 100
-    """auto: steps of the linear sparsity-target ramp (TinyCLIP: 1000)."""
-    prune_step: int = 300
-    """auto: step at which the masks are made hard and the model is pruned (TinyCLIP: 3000-8000)."""
+    """auto: fraction of the ORIGINAL model's prunable weights (attention + MLP of the transformer layers, both
+    towers) removed at the end of this stage (TinyCLIP stages: 0.25, 0.5, 0.75)."""
+    start_sparsity: float = 0.0
+    """auto: how sparse --inherit.source already is relative to the original model: the previous stage's target in
+    a progressive schedule (TinyCLIP's --start-sparsity), 0 when the source is the original."""
+    sparsity_warmup_steps: int | None = None
+    """auto: steps of the linear target ramp from start_sparsity (null: TinyCLIP's 1000, or prune_step // 3 when
+    that is shorter)."""
+    prune_step: int | None = None
+    """auto: step at which the masks are made hard and the model is pruned (null: TinyCLIP's 3000, or
+    max_steps // 2 on shorter runs; TinyCLIP's later stages prune at 5000 and 8000)."""
     mask_lr: float = 0.02
-    """auto: learning rate of the mask parameters (the Lagrange multipliers use -mask_lr: gradient ascent)."""
+    """auto: AdamW learning rate of the mask parameters (the Lagrange multipliers are maximised at the same rate,
+    TinyCLIP's -0.02). A gate needs about 9.2 / mask_lr steps to close."""
+    constraint: Literal["two_sided", "lower"] = "two_sided"
+    """auto: two_sided penalises any gap to the ramped target, so a stage cannot overshoot; lower is TinyCLIP's
+    one-sided max(0, target - expected)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
-            raise ValueError(f"--inherit.target_sparsity must be in (0, 1), got {self.target_sparsity}")
+            raise UsageError(f"--inherit.target_sparsity must be in (0, 1), got {self.target_sparsity}")
+        if not 0.0 <= self.start_sparsity < self.target_sparsity:
+            raise UsageError(
+                f"--inherit.start_sparsity must be in [0, --inherit.target_sparsity={self.target_sparsity}), "
+                f"got {self.start_sparsity}"
+            )
+        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
+            raise UsageError(f"--inherit.sparsity_warmup_steps must be >= 0, got {self.sparsity_warmup_steps}")
+        if self.prune_step is not None and self.prune_step < 1:
+            raise UsageError(f"--inherit.prune_step must be >= 1, got {self.prune_step}")
+        if self.mask_lr <= 0:
+            raise UsageError(f"--inherit.mask_lr must be > 0, got {self.mask_lr}")
 
 
 @dataclass

@@ -3,22 +3,33 @@
 `StudentEMA` averages the student only (Lightning's `WeightAveraging` would average the frozen teacher too).
 `L0PruningCallback` drives `students.prune.L0Pruner` (TinyCLIP / CoFi hard-concrete masks under a Lagrangian
 sparsity constraint): masks and multipliers train with the student until `prune_step`, then the masks are made
-hard, the student is replaced by an ordinary smaller model, and the optimizer is rebuilt for it.
+hard and the student is replaced by an ordinary smaller model through `DistillModule.replace_student` (which
+rebuilds the optimizer; the LR schedule continues). docs/L0.md compares it with TinyCLIP.
+
+The callback <-> module contract: the callback sets `DistillModule.pruner` (a declared attribute whose
+`sparsity_loss(step)` the module adds to its loss) while masks train, and calls `replace_student(pruned)` once.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from distill.args import InheritArgs
+from mcd_common import UsageError
+from students.prune import LOG_ALPHA_RANGE, L0Pruner
+
 _logger = logging.getLogger(__name__)
 
-__all__ = ["L0PruningCallback", "StudentEMA", "Throughput"]
+__all__ = ["L0PruningCallback", "L0Schedule", "StudentEMA", "Throughput"]
 
 
 class Throughput(pl.Callback):
@@ -89,86 +100,213 @@ class StudentEMA(pl.Callback):
         self._pending_state = state_dict.get("averaged_student")
 
 
+@dataclass(frozen=True)
+class L0Schedule:
+    """Step counts and learning rate of one automatic-inheritance stage (resolved from `InheritArgs`)."""
+
+    warmup_steps: int
+    """Steps of the linear target ramp."""
+    prune_step: int
+    """Step at which the masks are made hard and the student is replaced."""
+    mask_lr: float
+    """AdamW lr of the gates and (maximised) of the multipliers."""
+
+    @classmethod
+    def resolve(cls, args: InheritArgs, max_steps: int) -> L0Schedule:
+        """TinyCLIP's lengths (ramp 1000, prune at 3000), shortened to fit `max_steps` when not given.
+
+        A short run prunes at max_steps // 2 (half the run learns masks, half trains the pruned model) with the ramp
+        over the first third of that (TinyCLIP's 1000 : 3000).
+        """
+        prune = args.prune_step if args.prune_step is not None else min(3000, max(1, max_steps // 2))
+        warmup = args.sparsity_warmup_steps if args.sparsity_warmup_steps is not None else min(1000, prune // 3)
+        if prune > max_steps:
+            raise UsageError(
+                f"--inherit.prune_step {prune} is past --trainer.max_steps {max_steps}: prune earlier or train longer"
+            )
+        if warmup > prune:
+            raise UsageError(
+                f"--inherit.sparsity_warmup_steps {warmup} is past --inherit.prune_step {prune}: the target would "
+                "not be reached before pruning"
+            )
+        return cls(warmup_steps=warmup, prune_step=prune, mask_lr=args.mask_lr)
+
+    @property
+    def crossing_steps(self) -> int:
+        """Steps AdamW needs to move a gate across the whole clamp range (an Adam step is about lr)."""
+        return math.ceil((LOG_ALPHA_RANGE[1] - LOG_ALPHA_RANGE[0]) / self.mask_lr)
+
+    def too_short(self) -> str | None:
+        """Why this schedule is too short for the masks to converge, or None."""
+        needed = self.warmup_steps + self.crossing_steps
+        if self.prune_step >= needed:
+            return None
+        return (
+            f"--inherit.prune_step {self.prune_step} is too short for the L0 masks to converge: at --inherit.mask_lr "
+            f"{self.mask_lr:g} a gate needs {self.crossing_steps} steps to close, after the {self.warmup_steps}-step "
+            f"ramp (prune at >= {needed}, or raise --inherit.mask_lr). The kept structure is still sized to the "
+            "target, but the masks will barely have chosen what to keep."
+        )
+
+
+def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The fp16 GradScaler of the run's precision plugin (`16-mixed`), or None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 class L0PruningCallback(pl.Callback):
     """Automatic weight inheritance (TinyCLIP): learn L0 masks, then prune at `prune_step` and continue.
 
-    Runs on a single device: swapping the student for a smaller one after `prune_step` would invalidate a DDP
-    wrapper's gradient buckets. Mask and multiplier optimiser moments are not checkpointed (the gates are).
+    The masks' AdamW steps after the main optimizer's: under fp16 (`16-mixed`) their gradients are unscaled by the
+    run's GradScaler, and the step is skipped whenever the scaler found an overflow (its scale dropped), as the main
+    step is (TinyCLIP syncs `found_inf` over all its optimizers the same way). Log-odds are clamped after every step.
+    Runs on a single device: swapping the student for a smaller one would invalidate a DDP wrapper's buckets.
     """
 
-    def __init__(self, args: Any) -> None:
+    def __init__(self, args: InheritArgs, max_steps: int) -> None:
         """Args:
-        args: `distill.args.InheritArgs` (target_sparsity, sparsity_warmup_steps, prune_step, mask_lr).
+        args: `distill.args.InheritArgs` (target/start sparsity, schedule, mask lr, constraint).
+        max_steps: The run's optimizer steps (default schedule lengths are fitted to it).
         """
         self.args = args
-        self.pruner = None
+        self.schedule = L0Schedule.resolve(args, max_steps)
+        self.pruner: L0Pruner | None = None
         self.pruned = False
+        self.report: dict = {}
+        """What run.json records under `pruning` (plain data; filled when the student is pruned)."""
+        self.skipped_mask_steps = 0
+        self._mask_opt: torch.optim.Optimizer | None = None
         self._pending: dict | None = None
+        self._scale_before: float | None = None
+        self._step_pending = False
+        self._t0 = self._t_pruned = 0.0
+        reason = self.schedule.too_short()
+        if reason:
+            _logger.warning(reason)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from students.prune import L0Pruner
-
         if trainer.world_size > 1:
-            raise ValueError(
+            raise UsageError(
                 "--inherit.mode auto (L0 pruning) runs on one device; prune first, then scale out "
                 "the continued training with --inherit.source <pruned student>"
             )
+        self._t0 = time.perf_counter()
         if self.pruned:
             return
+        student = getattr(pl_module.student, "_orig_mod", pl_module.student)
         self.pruner = L0Pruner(
-            pl_module.student, target_sparsity=self.args.target_sparsity, warmup_steps=self.args.sparsity_warmup_steps
-        )
-        self.pruner.to(pl_module.device)
+            student,
+            target_sparsity=self.args.target_sparsity,
+            start_sparsity=self.args.start_sparsity,
+            warmup_steps=self.schedule.warmup_steps,
+            constraint=self.args.constraint,
+        ).to(pl_module.device)
+        self._mask_opt = torch.optim.AdamW(self.pruner.param_groups(self.schedule.mask_lr))
         if self._pending is not None:
-            self.pruner.load_state_dict(self._pending)
+            self.pruner.load_state_dict(self._pending["pruner"])
+            if self._pending.get("mask_optimizer"):
+                self._mask_opt.load_state_dict(self._pending["mask_optimizer"])
             self._pending = None
         pl_module.pruner = self.pruner
-        self._mask_opt = torch.optim.AdamW(list(self.pruner.parameters()), lr=self.args.mask_lr, weight_decay=0.0)
-        # Lagrange multipliers are maximised (TinyCLIP trains them with lr -0.02).
-        self._lambda_opt = torch.optim.AdamW(
-            list(self.pruner.lambda_parameters()), lr=self.args.mask_lr, weight_decay=0.0, maximize=True
-        )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.pruner is not None and not self.pruned:
-            for opt in (self._mask_opt, self._lambda_opt):
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        # NOTE: Lightning has unscaled the main optimizer's gradients just before this hook; the masks' are
+        # unscaled here (the scaler records their overflow too) and stepped after the main step, once known.
+        if self.pruner is None or self.pruned:
+            return
+        scaler = _grad_scaler(trainer)
+        self._scale_before = None
+        if scaler is not None:
+            self._scale_before = scaler.get_scale()
+            scaler.unscale_(self._mask_opt)
+        self._step_pending = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.pruner is None or self.pruned or trainer.global_step < self.args.prune_step:
+        if self.pruner is None or self.pruned:
             return
-        before = sum(p.numel() for p in pl_module.student.parameters())
-        sparsity = self.pruner.deterministic_sparsity()
+        if self._step_pending:
+            self._step_masks(trainer)
+            pl_module.log("train/expected_sparsity", self.pruner.expected_sparsity().detach(), batch_size=1)
+            pl_module.log("train/target_sparsity", self.pruner.target_at(trainer.global_step), batch_size=1)
+        if trainer.global_step >= self.schedule.prune_step:
+            self._prune(trainer, pl_module)
+
+    def _step_masks(self, trainer: pl.Trainer) -> None:
+        """Step gates and multipliers unless the scaler (or the gradients) overflowed; then clamp the gates."""
+        assert self._mask_opt is not None and self.pruner is not None
+        self._step_pending = False
+        grads = [p.grad for g in self._mask_opt.param_groups for p in g["params"] if p.grad is not None]
+        finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else False
+        scaler = _grad_scaler(trainer)
+        overflow = scaler is not None and self._scale_before is not None and scaler.get_scale() < self._scale_before
+        if finite and not overflow:
+            self._mask_opt.step()
+        else:
+            self.skipped_mask_steps += 1
+        self._mask_opt.zero_grad(set_to_none=True)
+        self.pruner.constrain_()
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.pruner is not None
+        t = time.perf_counter()
+        masks = self.pruner.summary()
+        before = _param_count(pl_module.student)
         pruned = self.pruner.prune().to(pl_module.device)
-        pl_module.student = pruned
+        kept = self.pruner.reference_size * (1.0 - masks["sparsity"])
         pl_module.pruner = None
-        # Checkpoints from now on describe the compact model, so resume and load_student rebuild it.
-        pl_module.hparams["student_cfg"] = pruned.cfg.to_dict()
-        self.pruned, self.pruner = True, None
-        after = sum(p.numel() for p in pruned.parameters())
+        pl_module.replace_student(pruned)
+        self._t_pruned = time.perf_counter()
+        self.report = {
+            "stage": {**asdict(self.schedule), "start_sparsity": self.args.start_sparsity,
+                      "target_sparsity": self.args.target_sparsity, "constraint": self.args.constraint},
+            "pruned_at_step": trainer.global_step,
+            "expected_sparsity": masks["expected_sparsity"],
+            "sparsity": masks["sparsity"],
+            "stage_sparsity": round(1.0 - kept / self.pruner.full_size, 5),
+            "lambda_1": masks["lambda_1"],
+            "lambda_2": masks["lambda_2"],
+            "structure": masks["structure"],
+            "params": {"before": before, "after": _param_count(pruned)},
+            "prunable_params": {"original": round(self.pruner.reference_size), "before": self.pruner.full_size,
+                                "after": round(kept)},
+            "skipped_mask_steps": self.skipped_mask_steps,
+            "mask_seconds": round(t - self._t0, 3),
+            "prune_seconds": round(self._t_pruned - t, 3),
+        }  # fmt: skip
+        self.pruned, self.pruner, self._mask_opt = True, None, None
         _logger.info(
-            "L0 pruning at step %d: %.2fM -> %.2fM parameters (sparsity %.3f of the prunable weights)",
+            "L0 pruning at step %d: %.2fM -> %.2fM parameters, sparsity %.3f of the original prunable weights "
+            "(masks expected %.3f, target %.3f)",
             trainer.global_step,
             before / 1e6,
-            after / 1e6,
-            sparsity,
+            self.report["params"]["after"] / 1e6,
+            masks["sparsity"],
+            masks["expected_sparsity"],
+            self.args.target_sparsity,
         )
-        pl_module.log("train/pruned_params_m", after / 1e6, batch_size=1)
-        # Rebuild optimizer + scheduler for the compact model; the cosine schedule continues from this step.
-        trainer.strategy.setup_optimizers(trainer)
-        import warnings
+        pl_module.log("train/pruned_params_m", self.report["params"]["after"] / 1e6, batch_size=1)
 
-        for cfg in trainer.lr_scheduler_configs:
-            cfg.scheduler.last_epoch = trainer.global_step - 1
-            with warnings.catch_warnings():
-                # Intended: advance the fresh scheduler to the current step before the new optimizer's first step.
-                warnings.simplefilter("ignore", UserWarning)
-                cfg.scheduler.step()
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.report and self._t_pruned:
+            self.report["seconds_after_prune"] = round(time.perf_counter() - self._t_pruned, 3)
 
     def state_dict(self) -> dict:
-        return {"pruned": self.pruned, "pruner": self.pruner.state_dict() if self.pruner is not None else None}
+        return {
+            "pruned": self.pruned,
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "mask_optimizer": self._mask_opt.state_dict() if self._mask_opt is not None else None,
+            "report": self.report,
+            "skipped_mask_steps": self.skipped_mask_steps,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.pruned = bool(state_dict.get("pruned", False))
-        self._pending = state_dict.get("pruner")
+        self.report = dict(state_dict.get("report") or {})
+        self.skipped_mask_steps = int(state_dict.get("skipped_mask_steps", 0))
+        if state_dict.get("pruner") is not None:
+            self._pending = {"pruner": state_dict["pruner"], "mask_optimizer": state_dict.get("mask_optimizer")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -24,7 +24,7 @@ from distill.evaluate import retrieval_metrics, zeroshot_classifier
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistillModule", "cosine_with_warmup"]
+__all__ = ["DistillModule", "SparsityPenalty", "cosine_with_warmup"]
 
 _MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature at 100
 
@@ -35,6 +35,14 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class SparsityPenalty(Protocol):
+    """What `DistillModule.pruner` holds while L0 masks train (`students.prune.L0Pruner`)."""
+
+    def sparsity_loss(self, step: int) -> Tensor:
+        """The sparsity-constraint term to add to the training loss at optimizer step `step`."""
+        ...
 
 
 class DistillModule(pl.LightningModule):
@@ -88,6 +96,8 @@ class DistillModule(pl.LightningModule):
         # NOTE: only plain data goes into hparams, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"optim": asdict(optim), "max_steps": max_steps, **(hparams or {})})
         self._val_store: dict[str, list] = {}
+        self.pruner: SparsityPenalty | None = None
+        """Set by `distill.callbacks.L0PruningCallback` while masks train; its loss joins the training loss."""
 
     def forward(self, image: Tensor, text: Tensor, syn_text: Tensor | None = None) -> dict[str, Tensor]:
         """Student embeddings for a batch. `image` is uint8 or [0, 1] at the student's size (normalised here).
@@ -123,10 +133,9 @@ class DistillModule(pl.LightningModule):
         losses = self.loss(**out, **targets)
         if caption_loss is not None and self.caption_weight > 0:
             losses["caption_loss"] = self.caption_weight * caption_loss
-        pruner = getattr(self, "pruner", None)
-        if pruner is not None:
+        if self.pruner is not None:
             # Automatic inheritance: the Lagrangian sparsity term of the L0 masks (distill.callbacks).
-            losses["sparsity_loss"] = pruner.sparsity_loss(self.global_step)
+            losses["sparsity_loss"] = self.pruner.sparsity_loss(self.global_step)
         total = sum(losses.values())
         bs = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
@@ -180,10 +189,31 @@ class DistillModule(pl.LightningModule):
             fused=fused or None,
         )
         warmup = min(self.optim.warmup_steps, self.max_steps // 5)
+        # NOTE: an optimizer rebuilt mid-run (replace_student) continues the schedule at the current step
+        start = self.global_step
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, warmup, self.max_steps, self.optim.min_lr_ratio)
+            opt, lambda s: cosine_with_warmup(s, warmup, self.max_steps, self.optim.min_lr_ratio), last_epoch=start - 1
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def replace_student(self, student: nn.Module) -> None:
+        """Swap in a structurally different student mid-fit (L0 pruning) and rebuild the optimizer for it.
+
+        Frozen parameters stay frozen (by name), the checkpointed `student_cfg` follows the new student so resume
+        and `students.load_student` rebuild it, and the LR schedule continues at the current step.
+        """
+        frozen = {n for n, p in self.student.named_parameters() if not p.requires_grad}
+        for name, p in student.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        self.student = student
+        cfg = getattr(student, "cfg", None)
+        if cfg is not None:
+            self.hparams["student_cfg"] = cfg.to_dict()
+        if self._trainer is not None:
+            self.trainer.strategy.setup_optimizers(self.trainer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.student.logit_scale.requires_grad:

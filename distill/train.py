@@ -229,7 +229,7 @@ def train(
     if inherit.source and inherit.mode == "auto":
         from distill.callbacks import L0PruningCallback
 
-        pruner_cb = L0PruningCallback(inherit)
+        pruner_cb = L0PruningCallback(inherit, max_steps=trainer.max_steps)
 
     hparams = {
         "student_cfg": model.cfg.to_dict(),
@@ -316,6 +316,8 @@ def train(
         "metrics": metrics,
         "loss": loss_desc,
     }
+    if pruner_cb is not None:
+        summary["pruning"] = pruner_cb.report  # per-stage sparsity, parameter counts and time (docs/L0.md)
     if inherit_report is not None:
         summary["inheritance"] = inherit_report.summary() if hasattr(inherit_report, "summary") else str(inherit_report)
     if pl_trainer.is_global_zero:

@@ -9,9 +9,14 @@ trained jointly with the student under a Lagrangian constraint that drives the e
 
 Design decisions (this module's contract with `distill/`):
 - Pure torch, no Lightning. `L0Pruner` is not an `nn.Module`, so its gates and multipliers never reach the student
-  optimiser by accident: `parameters()` (gates, AdamW lr 0.02) and `lambda_parameters()` (multipliers, AdamW lr 0.02
-  with `maximize=True`, i.e. TinyCLIP's lr -0.02) feed two extra optimisers. `state_dict()` / `load_state_dict()` for
-  checkpoints.
+  optimiser by accident: `param_groups(lr)` feeds one extra AdamW (gates minimised, multipliers `maximize=True`, i.e.
+  TinyCLIP's lr -0.02). `constrain_()` clamps the gate log-odds to [log 1e-2, log 1e2] after every step, as
+  TinyCLIP's `constrain_parameters()` does. `state_dict()` / `load_state_dict()` for checkpoints.
+- Sparsity is measured as TinyCLIP does (attention and MLP weights of the transformer layers, both towers pooled)
+  and is relative to the ORIGINAL model of a progressive schedule: a student that is already `start_sparsity`
+  sparse has a reference size of its own size / (1 - start_sparsity).
+- Two-sided constraint (default): `lambda1 * |gap| + lambda2 * gap**2`, the form TinyCLIP has commented out in
+  `l0module.py`, so a stage cannot overshoot its target; `constraint="lower"` is TinyCLIP's `max(0, gap)`.
 - Masks act during the towers' forward: while attached, the pruner replaces `student.visual.forward` /
   `student.text.forward` (instance attributes) with a masked re-implementation of open_clip's `VisionTransformer` /
   `TextTransformer` forward. Training mode samples gates; eval mode uses exactly the structure `prune()` will keep, so
@@ -19,18 +24,24 @@ Design decisions (this module's contract with `distill/`):
   student (EMA) stays masked by the same gates, computed with the copy's weights.
 - LayerNorms normalise over the kept hidden dims only (CoFi), so a model with zeroed hidden dims computes exactly
   what the smaller model computes.
-- Uniform structure: `prune()` keeps the same number of heads H' and MLP neurons F' in every layer (the rounded
-  per-layer expectation; which ones = top-k gate scores per layer). open_clip ties a tower's width to heads x head
-  dim, and heads keep their head dim (TinyCLIP), so the kept width is W' = H' * head_dim, chosen by the hidden gate
-  scores. The expected sparsity follows TinyCLIP (attention and MLP weights of the transformer layers, products of
-  expected hidden and head/neuron counts); `deterministic_sparsity()` reports the sparsity of what `prune()` keeps.
+- Uniform structure (docs/L0.md): open_clip towers have one width W, one head count H and one MLP width F for all
+  layers, and tie W = H x head_dim. TinyCLIP's pruned towers are custom modules with a width per layer. We keep
+  what open_clip can express: the head dim (TinyCLIP keeps it too), H' heads, W' = H' * head_dim, F' neurons in
+  every layer. The masks' expected size `L * E[W] * (4 * head_dim * E[H] + 2 * E[F])` equals the size of a uniform
+  tower of width sqrt(E[W] * head_dim * E[H]) (the attention term is 4 * W'^2 once W' is tied), so `plan()` picks
+  the H' whose width is nearest that value and the F' that makes the tower's size equal the masks' expected size:
+  the sparsity the Lagrangian constrains is the sparsity that `prune()` keeps. The kept size is the masks' expected
+  sparsity clipped to `target +- tolerance` (a warning says when the masks had not converged). Which heads, neurons
+  and hidden dims = the top gate log-odds (TinyCLIP's deterministic scores rank the same), near-ties (the gates
+  that sit at the upper clamp) broken by weight magnitude.
 - Gate values at kept positions (sigmoid(log_alpha / beta * 0.8), ~1 when open) are folded into the pruned weights.
 
 Supported towers: open_clip native `VisionTransformer` (no attentional pooling) and `TextTransformer` (no CLS/pad
-mask), i.e. every native-ViT / transformer-text student; others raise ValueError.
+mask), i.e. every native-ViT / transformer-text student; others raise `UsageError`.
 
 References:
-    TinyCLIP: https://arxiv.org/abs/2309.12314 (microsoft/Cream TinyCLIP/src/open_clip/l0module.py)
+    TinyCLIP: https://arxiv.org/abs/2309.12314 (microsoft/Cream TinyCLIP/src/open_clip/l0module.py and
+    src/training/train.py, read at commit 4a13c4091e78)
     CoFi pruning: https://arxiv.org/abs/2204.00408 ; L0 / hard concrete: https://arxiv.org/abs/1712.01312
 """
 
@@ -42,13 +53,15 @@ import math
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
+from mcd_common import UsageError
+from students.factory import build_student
 from students.towers import CLIPStudent
 
 _logger = logging.getLogger(__name__)
@@ -56,8 +69,13 @@ _logger = logging.getLogger(__name__)
 __all__ = ["L0Pruner", "TowerPlan"]
 
 Tower = Literal["image", "text"]
+Constraint = Literal["two_sided", "lower"]
 _LIMIT_L, _LIMIT_R, _EPS = -0.1, 1.1, 1e-6
 _MAGIC = 0.8  # deterministic score sharpening, Wang et al. 2020 / CoFi / TinyCLIP
+LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
+"""TinyCLIP's `constrain_parameters()` clamp of the gate log-odds, applied after every mask step."""
+_TIE = 1e-3  # log-odds closer than this count as tied (e.g. both at the upper clamp): weight magnitude decides
+_SIZE_TOL = 2e-3  # a uniform structure "matches" a size when it is within this fraction of the reference size
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,11 @@ class _TowerShape:
     heads: int
     head_dim: int
     mlp: int
+
+    @property
+    def size(self) -> int:
+        """Prunable weights (TinyCLIP's measure): per layer 4 * W^2 attention + 2 * W * F MLP."""
+        return self.layers * self.width * (4 * self.head_dim * self.heads + 2 * self.mlp)
 
 
 @dataclass(frozen=True)
@@ -139,18 +162,85 @@ def _mlp_ratio(mlp: int, width: int) -> float:
     return ratio
 
 
+def _uniform_structure(s: _TowerShape, remaining: float, width_hint: float, reference: float) -> tuple[int, int]:
+    """Heads H' and MLP width F' of the uniform tower (W' = H' * head_dim) that best realises `remaining` weights.
+
+    Among the H' whose tower can hold `remaining` weights to within `_SIZE_TOL` of the reference size (F' solves
+    the size, clamped to [1, F]), the one whose width is nearest `width_hint`; if none can, the closest size.
+    """
+    best: tuple[tuple[bool, float], int, int] | None = None
+    for heads in range(1, s.heads + 1):
+        width = heads * s.head_dim
+        mlp_exact = (remaining / s.layers - 4 * width * width) / (2 * width)
+        mlp = int(min(s.mlp, max(1, round(mlp_exact))))
+        size = s.layers * width * (4 * width + 2 * mlp)
+        err = abs(size - remaining) / reference
+        key = (err > _SIZE_TOL, err if err > _SIZE_TOL else abs(width - width_hint))
+        if best is None or key < best[0]:
+            best = (key, heads, mlp)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _share(remaining: float, expected: dict[str, float], caps: dict[str, float]) -> dict[str, float]:
+    """Split `remaining` weights over towers in proportion to their expected sizes, none above its full size."""
+    out: dict[str, float] = {}
+    free = dict(expected)
+    left = remaining
+    while free:
+        total = sum(free.values())
+        scale = left / total if total > 0 else 0.0
+        over = [t for t, v in free.items() if v * scale > caps[t]]
+        if not over:
+            out.update({t: v * scale for t, v in free.items()})
+            break
+        for t in over:  # a tower cannot grow past its full size: it keeps all, the others share the rest
+            out[t] = caps[t]
+            left -= caps[t]
+            del free[t]
+    return out
+
+
+def _importance(module: nn.Module, s: _TowerShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared weight norms touching each hidden dim `[W]`, head `[L, H]` and MLP neuron `[L, F]` (tie-breaks)."""
+    hidden = torch.zeros(s.width)
+    heads, mlp = [], []
+    for block in module.transformer.resblocks:
+        w_in = block.attn.in_proj_weight.detach().float().cpu()  # [3 * H * hd, W]
+        w_out = block.attn.out_proj.weight.detach().float().cpu()  # [W, H * hd]
+        w_fc = block.mlp.c_fc.weight.detach().float().cpu()  # [F, W]
+        w_proj = block.mlp.c_proj.weight.detach().float().cpu()  # [W, F]
+        hidden += (w_in**2).sum(0) + (w_out**2).sum(1) + (w_fc**2).sum(0) + (w_proj**2).sum(1)
+        per_head_in = (w_in**2).sum(1).view(3, s.heads, s.head_dim).sum((0, 2))  # [3*H*hd] -> [H]
+        per_head_out = (w_out**2).sum(0).view(s.heads, s.head_dim).sum(1)  # [H*hd] -> [H]
+        heads.append(per_head_in + per_head_out)
+        mlp.append((w_fc**2).sum(1) + (w_proj**2).sum(0))
+    return hidden, torch.stack(heads), torch.stack(mlp)
+
+
+def _top(log_alpha: torch.Tensor, importance: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (sorted) of the k largest gates per row; gates within `_TIE` of each other ranked by importance."""
+    tie = importance.to(log_alpha.device) / importance.max().clamp_min(1e-12)  # [0, 1]
+    key = torch.floor(log_alpha / _TIE) * 2.0 + tie  # NOTE: bins of _TIE, importance decides inside a bin
+    return key.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
 class L0Pruner:
     """Hard-concrete gates over a native-transformer student, with TinyCLIP's Lagrangian sparsity constraint.
 
     Args:
         student: the student to prune (attached on construction; its towers' forwards become masked).
-        target_sparsity: final fraction of transformer-layer weights to remove (0..1).
+        target_sparsity: final fraction of the ORIGINAL model's transformer-layer weights to remove (0..1).
         towers: which towers to gate.
-        start_sparsity: target at step 0 of the linear ramp.
+        start_sparsity: how sparse `student` already is relative to the original model (a progressive schedule's
+            previous target; 0 for the original itself). The target ramp starts there.
         warmup_steps: steps of the linear ramp from `start_sparsity` to `target_sparsity`.
-        init_log_alpha: initial gate log-odds (10: every gate fully open).
+        init_log_alpha: initial gate log-odds (10: every gate fully open; the first `constrain_()` makes it log 100).
         temperature: hard-concrete beta (2/3).
         init_lambda: initial Lagrange multipliers lambda1 = lambda2.
+        constraint: `two_sided` (penalise any gap to the target) or `lower` (TinyCLIP: only sparsity below it).
+        tolerance: the kept structure's sparsity is the masks' expected sparsity clipped to target +- this;
+            None follows the masks exactly (TinyCLIP).
     """
 
     def __init__(
@@ -164,14 +254,22 @@ class L0Pruner:
         init_log_alpha: float = 10.0,
         temperature: float = 2.0 / 3.0,
         init_lambda: float = 10.0,
+        constraint: Constraint = "two_sided",
+        tolerance: float | None = 0.01,
     ) -> None:
-        if not 0.0 <= target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        if not 0.0 <= start_sparsity < 1.0:
+            raise UsageError(f"start_sparsity must be in [0, 1), got {start_sparsity}")
+        if not start_sparsity <= target_sparsity < 1.0:
+            raise UsageError(f"target_sparsity must be in [start_sparsity={start_sparsity}, 1), got {target_sparsity}")
+        if constraint not in ("two_sided", "lower"):
+            raise UsageError(f"constraint must be 'two_sided' or 'lower', got {constraint!r}")
         self.student = student
         self.target_sparsity = float(target_sparsity)
         self.start_sparsity = float(start_sparsity)
         self.warmup_steps = int(warmup_steps)
         self.temperature = float(temperature)
+        self.constraint: Constraint = constraint
+        self.tolerance = tolerance
         self.towers: tuple[Tower, ...] = tuple(towers)
         self.shapes: dict[str, _TowerShape] = {t: self._check_tower(t) for t in self.towers}
         device = student.logit_scale.device
@@ -186,6 +284,7 @@ class L0Pruner:
                 "lambda_2": nn.Parameter(torch.tensor(float(init_lambda), device=device)),
             }
         )
+        self._plan_cache: tuple[tuple, dict[str, TowerPlan]] | None = None
         self._attached = False
         self.attach()
 
@@ -197,21 +296,25 @@ class L0Pruner:
         module = self._tower_module(tower)
         if tower == "image":
             if not isinstance(module, VisionTransformer):
-                raise ValueError(f"L0 pruning needs a native open_clip ViT image tower, got {type(module).__name__}")
+                raise UsageError(
+                    f"L0 pruning needs a native open_clip ViT image tower, got {type(module).__name__}: "
+                    "use --inherit.mode manual for this student"
+                )
             if module.attn_pool is not None or module.final_ln_after_pool or module.output_tokens:
-                raise ValueError("L0 pruning does not support attentional pooling / final_ln_after_pool / tokens")
+                raise UsageError("L0 pruning does not support attentional pooling / final_ln_after_pool / tokens")
         elif tower == "text":
             if not isinstance(module, TextTransformer):
-                raise ValueError(
-                    f"L0 pruning needs an open_clip TextTransformer text tower, got {type(module).__name__}"
+                raise UsageError(
+                    f"L0 pruning needs an open_clip TextTransformer text tower, got {type(module).__name__}: "
+                    "use --inherit.mode manual for this student"
                 )
             if module.cls_emb is not None or module.use_pad_mask or module.output_tokens:
-                raise ValueError("L0 pruning does not support text towers with a CLS embedding, pad mask or tokens")
+                raise UsageError("L0 pruning does not support text towers with a CLS embedding, pad mask or tokens")
         else:
-            raise ValueError(f"unknown tower {tower!r} (use 'image' or 'text')")
+            raise UsageError(f"unknown tower {tower!r} (use 'image' or 'text')")
         blocks = module.transformer.resblocks
         if not all(type(b) is ResidualAttentionBlock for b in blocks):
-            raise ValueError(f"L0 pruning supports open_clip's default ResidualAttentionBlock only ({tower} tower)")
+            raise UsageError(f"L0 pruning supports open_clip's default ResidualAttentionBlock only ({tower} tower)")
         attn = blocks[0].attn
         return _TowerShape(
             width=module.transformer.width,
@@ -259,21 +362,36 @@ class L0Pruner:
         """Lagrange multipliers lambda1, lambda2 (to be MAXIMISED: `maximize=True` or a negative lr)."""
         return iter(self.lambdas.values())
 
-    def state_dict(self) -> dict[str, Any]:
-        """Gates, multipliers and settings, for checkpoints."""
+    def param_groups(self, lr: float) -> list[dict]:
+        """AdamW parameter groups: gates at `lr`, multipliers at `lr` maximised (TinyCLIP: 0.02 and -0.02)."""
+        return [
+            {"params": list(self.parameters()), "lr": lr, "weight_decay": 0.0},
+            {"params": list(self.lambda_parameters()), "lr": lr, "weight_decay": 0.0, "maximize": True},
+        ]
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamp the gate log-odds to `LOG_ALPHA_RANGE` (TinyCLIP, after every optimiser step)."""
+        for p in self.log_alpha.values():
+            p.clamp_(*LOG_ALPHA_RANGE)
+
+    def state_dict(self) -> dict:
+        """Gates, multipliers and settings, for checkpoints (plain tensors and numbers)."""
         return {
             "log_alpha": {k: v.detach().cpu() for k, v in self.log_alpha.items()},
             "lambdas": {k: v.detach().cpu() for k, v in self.lambdas.items()},
             "target_sparsity": self.target_sparsity,
             "start_sparsity": self.start_sparsity,
             "warmup_steps": self.warmup_steps,
+            "constraint": self.constraint,
+            "tolerance": self.tolerance,
             "towers": list(self.towers),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output (same student architecture and towers)."""
         if list(state["towers"]) != list(self.towers):
-            raise ValueError(f"pruner state is for towers {state['towers']}, this pruner gates {list(self.towers)}")
+            raise UsageError(f"pruner state is for towers {state['towers']}, this pruner gates {list(self.towers)}")
         with torch.no_grad():
             for k, v in state["log_alpha"].items():
                 self.log_alpha[k].copy_(v)
@@ -282,6 +400,9 @@ class L0Pruner:
         self.target_sparsity = float(state["target_sparsity"])
         self.start_sparsity = float(state["start_sparsity"])
         self.warmup_steps = int(state["warmup_steps"])
+        self.constraint = state.get("constraint", self.constraint)
+        self.tolerance = state.get("tolerance", self.tolerance)
+        self._plan_cache = None
 
     # -- gates --------------------------------------------------------------------------------------------------------
     def _sample(self, log_alpha: torch.Tensor) -> torch.Tensor:
@@ -297,65 +418,40 @@ class L0Pruner:
     def _score(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(log_alpha / self.temperature * _MAGIC)
 
-    @torch.no_grad()
-    def plan(self, tower: Tower) -> TowerPlan:
-        """The uniform structure `prune()` keeps for `tower` (and eval-mode masks use)."""
-        s = self.shapes[tower]
-        la_hidden = self.log_alpha[f"{tower}_hidden"].detach()
-        la_heads = self.log_alpha[f"{tower}_heads"].detach()
-        la_mlp = self.log_alpha[f"{tower}_mlp"].detach()
-        heads = int(min(s.heads, max(1, round(self.keep_probability(la_heads).sum(1).mean().item()))))
-        mlp = int(min(s.mlp, max(1, round(self.keep_probability(la_mlp).sum(1).mean().item()))))
-        width = heads * s.head_dim  # open_clip ties width to heads x head_dim
+    def _expected_counts(self, tower: Tower) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E[kept hidden dims], E[kept heads] per layer (mean), E[kept neurons] per layer (mean)."""
+        hidden = self.keep_probability(self.log_alpha[f"{tower}_hidden"]).sum()
+        heads = self.keep_probability(self.log_alpha[f"{tower}_heads"]).sum(1).mean()
+        mlp = self.keep_probability(self.log_alpha[f"{tower}_mlp"]).sum(1).mean()
+        return hidden, heads, mlp
 
-        def _top(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = score.topk(k, dim=-1).indices.sort(dim=-1).values
-            dense = torch.zeros_like(score).scatter(-1, idx, score.gather(-1, idx))
-            return idx, dense
-
-        hidden_idx, hidden_z = _top(self._score(la_hidden), width)
-        heads_idx, heads_z = _top(self._score(la_heads), heads)
-        mlp_idx, mlp_z = _top(self._score(la_mlp), mlp)
-        expected_width = self.keep_probability(la_hidden).sum().item()
-        if abs(expected_width - width) > s.head_dim:
-            _logger.debug("%s tower: hidden gates expect %.0f dims, heads fix the width at %d", tower,
-                          expected_width, width)  # fmt: skip
-        return TowerPlan(hidden_idx, heads_idx, mlp_idx, hidden_z, heads_z, mlp_z)
-
-    def _gates(self, tower: Tower, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if training:
-            return tuple(self._sample(self.log_alpha[f"{tower}_{g}"]) for g in ("hidden", "heads", "mlp"))  # type: ignore[return-value]
-        p = self.plan(tower)
-        return p.hidden_z, p.heads_z, p.mlp_z
-
-    # -- sparsity -----------------------------------------------------------------------------------------------------
-    def _size(self, tower: Tower, hidden: torch.Tensor, heads: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    def _expected_size(self, tower: Tower) -> torch.Tensor:
         # TinyCLIP/CoFi: per head 4 * head_dim * width (q, k, v, out), per MLP neuron 2 * width; norms/biases ignored
         s = self.shapes[tower]
-        return hidden * (4 * s.head_dim * heads + 2 * mlp)
+        hidden, heads, mlp = self._expected_counts(tower)
+        return s.layers * hidden * (4 * s.head_dim * heads + 2 * mlp)
 
-    def _full_size(self) -> float:
-        return float(sum(s.width * s.layers * (4 * s.head_dim * s.heads + 2 * s.mlp) for s in self.shapes.values()))
+    @property
+    def full_size(self) -> int:
+        """Prunable weights of the gated towers as they are now."""
+        return sum(s.size for s in self.shapes.values())
 
+    @property
+    def reference_size(self) -> float:
+        """Prunable weights of the original model (sparsities are relative to it)."""
+        return self.full_size / (1.0 - self.start_sparsity)
+
+    # -- sparsity -----------------------------------------------------------------------------------------------------
     def expected_sparsity(self) -> torch.Tensor:
-        """Expected fraction of the gated towers' attention+MLP weights removed (differentiable scalar)."""
-        total = 0.0
-        for t in self.towers:
-            hidden = self.keep_probability(self.log_alpha[f"{t}_hidden"]).sum()
-            heads = self.keep_probability(self.log_alpha[f"{t}_heads"]).sum()
-            mlp = self.keep_probability(self.log_alpha[f"{t}_mlp"]).sum()
-            total = total + self._size(t, hidden, heads, mlp)
-        return 1.0 - total / self._full_size()
+        """Expected fraction of the original model's attention+MLP weights removed (differentiable scalar)."""
+        remaining = sum(self._expected_size(t) for t in self.towers)
+        return 1.0 - remaining / self.reference_size
 
-    @torch.no_grad()
-    def deterministic_sparsity(self) -> float:
-        """Sparsity (same measure) of the structure `prune()` would keep now."""
-        total = 0.0
-        for t in self.towers:
-            p = self.plan(t)
-            total += float(self._size(t, torch.tensor(float(p.hidden.numel())), torch.tensor(float(p.heads.numel())),
-                                      torch.tensor(float(p.mlp.numel()))))  # fmt: skip
-        return 1.0 - total / self._full_size()
+    def kept_sparsity(self, expected: float) -> float:
+        """The sparsity the kept structure realises for masks at `expected`: clipped to target +- tolerance."""
+        if self.tolerance is None:
+            return expected
+        return min(max(expected, self.target_sparsity - self.tolerance), self.target_sparsity + self.tolerance)
 
     def target_at(self, step: int) -> float:
         """Linearly ramped target sparsity at `step`."""
@@ -363,24 +459,107 @@ class L0Pruner:
         return self.start_sparsity + (self.target_sparsity - self.start_sparsity) * frac
 
     def lagrangian(self, target: float) -> torch.Tensor:
-        """TinyCLIP's `lambda1 * gap + lambda2 * gap**2`, gap = max(0, target - expected sparsity).
+        """`lambda1 * v + lambda2 * v**2` with v = |target - expected| (two-sided) or max(0, target - expected).
 
         Minimise it over the gates (and the student), maximise it over the multipliers.
         """
-        gap = torch.relu(target - self.expected_sparsity())
-        return self.lambdas["lambda_1"] * gap + self.lambdas["lambda_2"] * gap * gap
+        gap = target - self.expected_sparsity()
+        violation = gap.abs() if self.constraint == "two_sided" else torch.relu(gap)
+        return self.lambdas["lambda_1"] * violation + self.lambdas["lambda_2"] * violation * violation
 
     def sparsity_loss(self, step: int) -> torch.Tensor:
         """`lagrangian(target_at(step))`: add it to the training loss."""
         return self.lagrangian(self.target_at(step))
 
-    def structure(self) -> dict[str, dict[str, int]]:
-        """Per tower, the width / heads / MLP neurons per layer that `prune()` would keep now (for logging)."""
+    # -- the kept structure -------------------------------------------------------------------------------------------
+    def _cache_key(self) -> tuple:
+        # NOTE: `_version` counts in-place updates (optimiser steps, fill_): a changed gate or weight invalidates it
+        gates = tuple(p._version for p in self.log_alpha.values())
+        weights = sum(p._version for p in self.student.parameters())
+        return gates, weights, self.target_sparsity, self.start_sparsity, self.tolerance
+
+    @torch.no_grad()
+    def plans(self) -> dict[str, TowerPlan]:
+        """The uniform structure `prune()` keeps, per tower (eval-mode masks use it too)."""
+        key = self._cache_key()
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        expected = {t: float(self._expected_size(t)) for t in self.towers}
+        ref = self.reference_size
+        kept = self.kept_sparsity(1.0 - sum(expected.values()) / ref)
+        share = _share((1.0 - kept) * ref, expected, {t: float(s.size) for t, s in self.shapes.items()})
         out = {}
         for t in self.towers:
-            p = self.plan(t)
-            out[t] = {"width": p.hidden.numel(), "heads": p.heads.shape[1], "mlp": p.mlp.shape[1]}
+            s = self.shapes[t]
+            hidden, heads, _ = (float(x) for x in self._expected_counts(t))
+            scale = share[t] / expected[t] if expected[t] > 0 else 1.0
+            hint = math.sqrt(max(0.0, hidden * s.head_dim * heads * scale))  # width of the equal-size uniform tower
+            n_heads, n_mlp = _uniform_structure(s, share[t], hint, ref)
+            out[t] = self._select(t, n_heads, n_mlp)
+        self._plan_cache = (key, out)
         return out
+
+    def plan(self, tower: Tower) -> TowerPlan:
+        """`plans()[tower]`."""
+        return self.plans()[tower]
+
+    def _select(self, tower: Tower, n_heads: int, n_mlp: int) -> TowerPlan:
+        s = self.shapes[tower]
+        imp_hidden, imp_heads, imp_mlp = _importance(self._tower_module(tower), s)
+        la = {g: self.log_alpha[f"{tower}_{g}"].detach() for g in ("hidden", "heads", "mlp")}
+        hidden = _top(la["hidden"], imp_hidden, n_heads * s.head_dim)  # open_clip ties width to heads x head_dim
+        heads = _top(la["heads"], imp_heads, n_heads)
+        mlp = _top(la["mlp"], imp_mlp, n_mlp)
+
+        def dense(g: str, idx: torch.Tensor) -> torch.Tensor:
+            score = self._score(la[g])
+            return torch.zeros_like(score).scatter(-1, idx, score.gather(-1, idx))
+
+        return TowerPlan(hidden, heads, mlp, dense("hidden", hidden), dense("heads", heads), dense("mlp", mlp))
+
+    def _gates(self, tower: Tower, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if training:
+            return tuple(self._sample(self.log_alpha[f"{tower}_{g}"]) for g in ("hidden", "heads", "mlp"))  # type: ignore[return-value]
+        p = self.plan(tower)
+        return p.hidden_z, p.heads_z, p.mlp_z
+
+    @torch.no_grad()
+    def deterministic_sparsity(self) -> float:
+        """Sparsity (same measure, relative to the original model) of the structure `prune()` would keep now."""
+        kept = 0
+        for t, p in self.plans().items():
+            s = self.shapes[t]
+            width, heads, mlp = p.hidden.numel(), p.heads.shape[1], p.mlp.shape[1]
+            kept += s.layers * width * (4 * s.head_dim * heads + 2 * mlp)
+        return 1.0 - kept / self.reference_size
+
+    def structure(self) -> dict[str, dict[str, int]]:
+        """Per tower, the layers / width / heads / head width / MLP neurons that `prune()` would keep now."""
+        out = {}
+        for t, p in self.plans().items():
+            s = self.shapes[t]
+            out[t] = {
+                "layers": s.layers,
+                "width": p.hidden.numel(),
+                "heads": p.heads.shape[1],
+                "head_width": s.head_dim,
+                "mlp": p.mlp.shape[1],
+            }
+        return out
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, float | str | dict]:
+        """Plain numbers for logs and run.json: sparsities, multipliers, the structure that would be kept."""
+        return {
+            "target_sparsity": self.target_sparsity,
+            "start_sparsity": self.start_sparsity,
+            "constraint": self.constraint,
+            "expected_sparsity": round(float(self.expected_sparsity()), 5),
+            "sparsity": round(self.deterministic_sparsity(), 5),
+            "lambda_1": round(float(self.lambdas["lambda_1"]), 4),
+            "lambda_2": round(float(self.lambdas["lambda_2"]), 4),
+            "structure": self.structure(),
+        }
 
     # -- masked forward -----------------------------------------------------------------------------------------------
     def _masked_forward(self, tower: Tower, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -452,8 +631,17 @@ class L0Pruner:
         cfg = self.student.cfg
         state = {k: v.clone() for k, v in self.student.state_dict().items()}
         image_cfg, text_cfg = cfg.image, cfg.text
-        for tower in self.towers:
-            p = self.plan(tower)
+        self._plan_cache = None  # NOTE: recompute from the final weights (tie-breaks read them)
+        expected = float(self.expected_sparsity())
+        if abs(expected - self.target_sparsity) > 0.02:
+            _logger.warning(
+                "L0 masks expect sparsity %.3f, target %.3f: they had not converged, the kept structure is sized "
+                "to %.3f (train the masks longer, see docs/L0.md)",
+                expected,
+                self.target_sparsity,
+                self.kept_sparsity(expected),
+            )
+        for tower, p in self.plans().items():
             s = self.shapes[tower]
             module = self._tower_module(tower)
             prefix = "visual." if tower == "image" else "text."
@@ -464,10 +652,11 @@ class L0Pruner:
                 image_cfg = dataclasses.replace(image_cfg, width=width, head_width=s.head_dim, mlp_ratio=ratio)
             else:
                 text_cfg = dataclasses.replace(text_cfg, width=width, heads=heads, mlp_ratio=ratio)
-        new_cfg = dataclasses.replace(cfg, name=f"{cfg.name}_pruned", image=image_cfg, text=text_cfg)
+        name = cfg.name if cfg.name.endswith("_pruned") else f"{cfg.name}_pruned"
+        new_cfg = dataclasses.replace(cfg, name=name, image=image_cfg, text=text_cfg)
         ref = self.student.logit_scale
         with torch.device(ref.device):
-            pruned = CLIPStudent(new_cfg)
+            pruned = build_student(new_cfg)
         pruned.load_state_dict(state, strict=True)
         pruned.train(self.student.training)
         _logger.info("pruned %s -> %s: %s", cfg.name, new_cfg.name, self.structure())
