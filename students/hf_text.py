@@ -245,12 +245,15 @@ class HFTextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens `[B, L]` (padding = the tokenizer's pad id) -> projected features `[B, embed_dim]`."""
-        mask = (tokens != self.pad_token_id).long()  # [B, L]; open_clip's rule: padding is the only masked token
-        hidden = self.transformer(input_ids=tokens, attention_mask=mask).last_hidden_state  # [B, L, W]
-        if self.pooling == "cls":
+        keep = tokens != self.pad_token_id  # [B, L]; open_clip's rule: padding is the only masked token
+        # NOTE: an additive [B, 1, 1, L] mask is used by transformers as given; a [B, L] one goes through its mask
+        # builders (vmap'd mask functions with `new_ones`), which CoreML cannot convert. Same attention either way.
+        bias = torch.zeros(keep.shape, device=tokens.device).masked_fill(~keep, torch.finfo(torch.float32).min)
+        hidden = self.transformer(input_ids=tokens, attention_mask=bias[:, None, None, :]).last_hidden_state
+        if self.pooling == "cls":  # hidden: [B, L, W]
             pooled = hidden[:, 0]
         else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+            weights = keep.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return self.proj(pooled)
 
