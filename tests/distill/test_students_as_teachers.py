@@ -113,3 +113,25 @@ def test_without_the_distill_backend_the_error_says_what_to_import(mct_student_d
     monkeypatch.setattr(local_dir, "_BACKENDS", {})  # a program that never imported distill
     with pytest.raises(UsageError, match="import distill"):
         teachers.create_teacher(f"local-dir:{mct_student_dir}")
+
+
+def test_only_directories_open_clip_cannot_build_take_the_students_backend():
+    from distill.student_teachers import is_student_only_dir
+    from students import MCT_OPEN_CLIP_MARKER
+
+    def config(text=None, image=None, marker=False):
+        text_cfg = {"width": 32, **({MCT_OPEN_CLIP_MARKER: {}} if marker else {})}
+        student_cfg = {"text": text or {"kind": "transformer"}, "image": image or {}}
+        return {"model_cfg": {"text_cfg": text_cfg}, "distill": {"student_cfg": student_cfg}}
+
+    assert not is_student_only_dir(config())
+    assert not is_student_only_dir({"model_cfg": {"text_cfg": {}}})  # a plain open_clip directory
+    assert is_student_only_dir(config(text={"kind": "mct"}))
+    assert is_student_only_dir({"model_cfg": {"text_cfg": {MCT_OPEN_CLIP_MARKER: {}}}})
+    assert is_student_only_dir(config(text={"kind": "hf"}))
+    assert is_student_only_dir(config(image={"apple_vit": True}))
+
+
+def test_a_student_teacher_runs_at_its_own_sizes(mct_student_dir):
+    with pytest.raises(UsageError, match="its own sizes"):
+        teachers.create_teacher(f"local-dir:{mct_student_dir}", image_size=64)
