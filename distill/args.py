@@ -11,7 +11,7 @@ from typing import Literal
 
 from mcd_common import UsageError
 
-__all__ = ["DataArgs", "EvalArgs", "InheritArgs", "LossArgs", "OptimArgs", "TrainerArgs"]
+__all__ = ["DataArgs", "EvalArgs", "InheritArgs", "LockArgs", "LossArgs", "OptimArgs", "TrainerArgs"]
 
 
 @dataclass
@@ -203,6 +203,32 @@ class InheritArgs:
             raise UsageError(f"--inherit.prune_step must be >= 1, got {self.prune_step}")
         if self.mask_lr <= 0:
             raise UsageError(f"--inherit.mask_lr must be > 0, got {self.mask_lr}")
+
+
+@dataclass
+class LockArgs:
+    """LiT-style tower locking (open_clip's `--lock-image*` / `--lock-text*`; `students.lock`). Frozen weights are
+    left out of the optimizer (so also out of weight decay); a resumed run applies the same flags again."""
+
+    image: bool = False
+    """Freeze the image tower (open_clip `--lock-image`)."""
+    image_unlocked_groups: int = 0
+    """Leave the last N layer groups of the image tower trainable (`--lock-image-unlocked-groups`)."""
+    image_freeze_bn_stats: bool = False
+    """Keep the locked image layers in eval mode: BatchNorm statistics frozen (`--lock-image-freeze-bn-stats`)."""
+    text: bool = False
+    """Freeze the text tower (open_clip `--lock-text`); its locked layers always run in eval mode (no dropout)."""
+    text_unlocked_layers: int = 0
+    """Leave the last N layer groups of the text tower trainable (`--lock-text-unlocked-layers`)."""
+    text_freeze_layer_norm: bool = True
+    """Also freeze the LayerNorm weights of the locked text layers (`--lock-text-freeze-layer-norm`; open_clip's
+    flag is off by default, its function's default is on)."""
+
+    def __post_init__(self) -> None:
+        if self.image_unlocked_groups < 0:
+            raise UsageError(f"--lock.image_unlocked_groups must be >= 0, got {self.image_unlocked_groups}")
+        if self.text_unlocked_layers < 0:
+            raise UsageError(f"--lock.text_unlocked_layers must be >= 0, got {self.text_unlocked_layers}")
 
 
 @dataclass

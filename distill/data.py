@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader, Sampler
 
 from distill.args import DataArgs, EvalArgs
@@ -198,7 +197,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.spec, self.args, self.mode, self.seed, self.val = spec, args, mode, seed, val
         self.image_size, self.interpolation = student.image_size, student.interpolation
         # NOTE: a standalone tokenizer (not the module) is what gets pickled into worker processes.
-        self.tokenizer = SimpleTokenizer(context_length=student.context_length)
+        self.tokenizer = student.text_tokenizer()  # CLIP BPE, or a Hugging Face text tower's own tokenizer
         self.samples_per_step = args.batch_size * accumulate
         self.start_step = 0
         self.zeroshot_set, self.retrieval_set = val.zeroshot, val.retrieval

@@ -107,6 +107,12 @@ KNOWN_NOISE: tuple[KnownNoise, ...] = (
         "Lightning 2.6.6's _pytree helper builds a LeafSpec, a class torch 2.14 deprecated but still supports; "
         "the flattened batch is the same",
     ),
+    KnownNoise(
+        "py.warnings",
+        r"Found \d+ module\(s\) in eval mode at the start of training",
+        "the parts of a tower frozen by --lock.* (students.lock) and a live teacher run in eval mode on purpose: "
+        "frozen BatchNorm statistics, no dropout; CLIPStudent.train() keeps them so",
+    ),
     # Lightning's INFO lines (the "try installing litlogger" tip, "GPU available", "Seed set to", "`Trainer.fit`
     # stopped") and open_clip's per-model INFO lines ("Parsing model identifier", "Loaded built-in ... config") are
     # INFO records of third-party loggers: the default WARNING level for libraries drops them without a filter.

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from distill.args import DataArgs, EvalArgs, InheritArgs, LossArgs, OptimArgs, TrainerArgs
+from distill.args import DataArgs, EvalArgs, InheritArgs, LockArgs, LossArgs, OptimArgs, TrainerArgs
 
 _logger = logging.getLogger(__name__)
 
@@ -125,10 +125,12 @@ def train(
     trainer: TrainerArgs = TrainerArgs(),
     inherit: InheritArgs = InheritArgs(),
     val: EvalArgs = EvalArgs(),
+    lock: LockArgs = LockArgs(),
     student_weights: str | None = None,
     teacher_weights: str | None = None,
     image_size: int | None = None,
     context_length: int | None = None,
+    hf_text_dir: str | None = None,
 ) -> dict:
     """Train a student by distillation (reinforced or online) or from scratch.
 
@@ -143,10 +145,13 @@ def train(
         trainer: Lightning trainer settings (steps, precision, devices, strategy, output dir, resume).
         inherit: Weight inheritance from a larger model.
         val: Validation sets (defaults to the embedded corpus's splits when training on it).
+        lock: Freeze the image and/or text tower (LiT-style), optionally but their last layer groups.
         student_weights: Initialise the student from these weights (saved student dir, safetensors or .ckpt).
         teacher_weights: Local weights file for a registered (hub) teacher in online mode.
         image_size: Override the student's input resolution.
         context_length: Override the student's text context length.
+        hf_text_dir: Local Hugging Face encoder directory of a student with a pretrained text tower (`vit_minilm`,
+            `test_tiny_hf`): its config, tokenizer and pretrained weights (e.g. a sentence-transformers model).
 
     Returns:
         A summary: output paths, steps, wall time, throughput and final validation metrics.
@@ -156,7 +161,7 @@ def train(
 
     from distill.data import DistillDataModule, resolve_data
     from distill.module import DistillModule
-    from students import create_student, inherit_weights, load_student, save_student
+    from students import create_student, inherit_weights, load_student, lock_student, save_student
     from students.published import copy_student_weights
 
     t0 = time.time()
@@ -174,7 +179,7 @@ def train(
         _logger.warning("--mode scratch ignores --teacher %s", teacher)
 
     # --- student (+ inheritance) ---
-    overrides = {"image_size": image_size, "context_length": context_length}
+    overrides = {"image_size": image_size, "context_length": context_length, "hf_model_dir": hf_text_dir}
     src = Path(student.removeprefix("local-dir:")).expanduser()
     model = load_student(src) if src.exists() else create_student(student, **overrides)
     ckpt_path = _resume_path(trainer.resume, root)
@@ -197,6 +202,10 @@ def train(
         source = _inherit_source(inherit.source, teacher, teacher_weights)
         inherit_report = inherit_weights(model, source.state_dict(), source_cfg=getattr(source, "cfg", None))
         _logger.info("weight inheritance: %s", inherit_report.summary() if hasattr(inherit_report, "summary") else "")
+
+    if (lock.image or lock.text) and inherit.source and inherit.mode == "auto":
+        raise ValueError("--lock.* cannot be combined with --inherit.mode auto (pruning rebuilds the towers)")
+    lock_report = lock_student(model, **asdict(lock))  # --lock.* (students.lock): before the optimizer sees them
 
     # --- teacher / targets ---
     live_teacher = None
@@ -318,6 +327,8 @@ def train(
     }
     if pruner_cb is not None:
         summary["pruning"] = pruner_cb.report  # per-stage sparsity, parameter counts and time (docs/L0.md)
+    if lock_report:
+        summary["lock"] = lock_report
     if inherit_report is not None:
         summary["inheritance"] = inherit_report.summary() if hasattr(inherit_report, "summary") else str(inherit_report)
     if pl_trainer.is_global_zero:
@@ -336,8 +347,10 @@ def train(
                 "trainer": asdict(trainer),
                 "inherit": asdict(inherit),
                 "val": asdict(val),
+                "lock": asdict(lock),
                 "image_size": image_size,
                 "context_length": context_length,
+                "hf_text_dir": hf_text_dir,
             },
             "student_cfg": model.cfg.to_dict(),
             "data_fingerprint": spec.fingerprint(),

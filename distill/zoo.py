@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mcd_common import UsageError
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["student_rows", "teacher_rows", "captioner_rows", "zoo"]
@@ -46,13 +48,17 @@ def student_rows(pattern: str = "*") -> list[dict]:
     rows = []
     for name in list_students(pattern):
         cfg = get_student_cfg(name)
-        with torch.device("meta"):
-            model = create_student(name)
+        try:
+            with torch.device("meta"):
+                model = create_student(name)
+            counts = round(_count(model.visual), 2), round(_count(model.text), 2)
+        except UsageError:  # a Hugging Face text tower is only known once its directory is given (hf_model_dir)
+            counts = None, None
         rows.append(
             {
                 "name": name,
-                "image_params_m": round(_count(model.visual), 2),
-                "text_params_m": round(_count(model.text), 2),
+                "image_params_m": counts[0],
+                "text_params_m": counts[1],
                 "image_size": cfg.image.image_size,
                 "context_length": cfg.text.context_length,
                 "embed_dim": cfg.embed_dim,

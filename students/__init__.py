@@ -2,8 +2,9 @@
 
 Importing the package registers every variant (`students.mobileclip`, `students.tinyclip`, `students.tiny`).
 Layout: `config` (architecture dataclasses), `towers` (`CLIPStudent`, the re-parameterisation walk), `coca`
-(`CoCaStudent`), `mct` (the MCt text tower), `registry` (variant names -> configs), `factory` (`create_student`,
-`build_student`, `load_student`), `io` (saving and reading files), `inherit` / `prune` (weight inheritance).
+(`CoCaStudent`), `mct` (the MCt text tower), `hf_text` (pretrained Hugging Face text towers), `registry` (variant
+names -> configs), `factory` (`create_student`, `build_student`, `load_student`), `io` (saving and reading files),
+`inherit` / `prune` (weight inheritance), `lock` (LiT-style tower locking).
 State dicts use open_clip `CustomTextCLIP` keys, so saved students load with `open_clip.create_model("local-dir:")`
 (except MCt text towers, which only `load_student` reads). CoCa students (a config with a `multimodal` decoder
 section) use open_clip `CoCa` keys and also train a captioning loss.
@@ -26,8 +27,10 @@ from students.config import (
     TextTowerCfg,
 )
 from students.factory import build_student, create_student, get_student_cfg, load_student, resolve_weights
+from students.hf_text import HFTextTower
 from students.inherit import InheritReport, inherit_weights, uniform_layer_indices
 from students.io import read_state_dict, read_student_cfg, save_student
+from students.lock import TowerLock, lock_image_tower, lock_student, lock_text_tower
 from students.mct import MCtTextTower
 from students.prune import L0Pruner, TowerPlan
 from students.registry import LOCAL_DIR_PREFIX, WeightSpec, list_students, register_student
@@ -36,6 +39,7 @@ from students.towers import CLIPStudent, reparameterize_model
 __all__ = [
     "CLIPStudent",
     "CoCaStudent",
+    "HFTextTower",
     "ImageTowerCfg",
     "InheritReport",
     "L0Pruner",
@@ -47,6 +51,7 @@ __all__ = [
     "StudentCfg",
     "TextDecoderCfg",
     "TextTowerCfg",
+    "TowerLock",
     "TowerPlan",
     "WeightSpec",
     "build_student",
@@ -55,6 +60,9 @@ __all__ = [
     "inherit_weights",
     "list_students",
     "load_student",
+    "lock_image_tower",
+    "lock_student",
+    "lock_text_tower",
     "read_state_dict",
     "read_student_cfg",
     "register_student",

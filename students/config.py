@@ -35,6 +35,7 @@ __all__ = [
     "StudentCfg",
     "MCT_OPEN_CLIP_MARKER",
     "APPLE_VIT_TIMM_NAME",
+    "HF_POOLERS",
     "OPENAI_MEAN",
     "OPENAI_STD",
 ]
@@ -52,6 +53,10 @@ MCT_OPEN_CLIP_MARKER = "mct_text_tower_is_not_in_open_clip_load_with_students_lo
 
 # NOTE: the one timm architecture with an Apple-faithful variant (ImageTowerCfg.apple_vit)
 APPLE_VIT_TIMM_NAME = "vit_base_mci_224"
+
+HF_POOLERS: dict[str, str] = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
+"""`TextTowerCfg.hf_pooling` -> open_clip's `hf_pooler_type` (`open_clip/hf_model.py`, 3.3.0: `MeanPooler` is the
+masked mean, `ClsLastHiddenStatePooler` the first token's last hidden state)."""
 
 
 @dataclass(frozen=True)
@@ -144,20 +149,22 @@ class ImageTowerCfg:
 
 @dataclass(frozen=True)
 class TextTowerCfg:
-    """Text tower: an open_clip text transformer or the MobileCLIP-S0 MCt tower (RepMixer + transformer + RepMixer)."""
+    """Text tower: an open_clip text transformer, the MobileCLIP-S0 MCt tower (RepMixer + transformer + RepMixer),
+    or a pretrained Hugging Face encoder (`kind="hf"`, `students.hf_text.HFTextTower`)."""
 
-    kind: Literal["transformer", "mct"] = "transformer"
-    """`transformer` (open_clip TextTransformer) or `mct` (students.mct.MCtTextTower)."""
+    kind: Literal["transformer", "mct", "hf"] = "transformer"
+    """`transformer` (open_clip TextTransformer), `mct` (students.mct.MCtTextTower) or `hf` (a Hugging Face encoder
+    directory, `students.hf_text.HFTextTower`)."""
     context_length: int = 77
     """Token sequence length."""
     vocab_size: int = 49408
-    """Vocabulary size (CLIP BPE: 49408)."""
+    """Vocabulary size (CLIP BPE: 49408). Unused by `hf` towers (their vocabulary is the directory's)."""
     width: int = 512
-    """Token width."""
+    """Token width (`hf`: unused, the encoder's `hidden_size`)."""
     heads: int = 8
-    """Attention heads."""
+    """Attention heads (`hf`: unused)."""
     layers: int = 12
-    """Transformer layers (MCt: the layers between its two RepMixer blocks)."""
+    """Transformer layers (MCt: the layers between its two RepMixer blocks; `hf`: unused)."""
     mlp_ratio: float = 4.0
     """MLP hidden width = int(width * mlp_ratio)."""
     causal: bool = True
@@ -166,9 +173,32 @@ class TextTowerCfg:
     """MCt only: RepMixer convolution kernel over the sequence."""
     embed_cls: bool = False
     """Append a learned CLS token whose output is the text embedding (CoCa); adds one position."""
+    hf_model_dir: str | None = None
+    """`hf` only: a local Hugging Face encoder directory (`save_pretrained` output: `config.json`, tokenizer files
+    and, for a new student, the weights), e.g. a sentence-transformers model. Never a hub id: everything loads
+    offline. A saved student holds its own copy of the config and tokenizer and points here at itself."""
+    hf_pooling: Literal["mean", "cls"] = "mean"
+    """`hf` only: `mean` (masked mean of the last hidden states, sentence-transformers' mean pooling) or `cls`
+    (the first token's last hidden state)."""
+    hf_proj: Literal["linear", "mlp", "none"] = "linear"
+    """`hf` only: projection to `embed_dim`, as open_clip's `hf_proj_type`: `linear` (no bias), `mlp` (two bias-free
+    linears with GELU, hidden (width + embed_dim) // 2), or `none` (the encoder width must equal `embed_dim`)."""
 
     def open_clip_text_cfg(self) -> ConfigDict:
-        """The open_clip `text_cfg` dict (MCt towers get a marker key that open_clip rejects with a clear name)."""
+        """The open_clip `text_cfg` dict (MCt towers get a marker key that open_clip rejects with a clear name).
+
+        An `hf` tower gives open_clip's `hf_model_name` form (`HFTextEncoder`, with its pooler and projection names),
+        pointing at `hf_model_dir`.
+        """
+        if self.kind == "hf":
+            return {
+                "context_length": self.context_length,
+                "hf_model_name": self.hf_model_dir,
+                "hf_tokenizer_name": self.hf_model_dir,
+                "hf_model_pretrained": False,
+                "hf_pooler_type": HF_POOLERS[self.hf_pooling],
+                "hf_proj_type": None if self.hf_proj == "none" else self.hf_proj,
+            }
         cfg: ConfigDict = {
             "context_length": self.context_length,
             "vocab_size": self.vocab_size,
@@ -233,6 +263,12 @@ class StudentCfg:
             raise UsageError("text.embed_cls needs the open_clip transformer text tower (kind='transformer')")
         if self.image.apple_vit and self.image.timm_model_name != APPLE_VIT_TIMM_NAME:
             raise UsageError(f"image.apple_vit needs timm_model_name={APPLE_VIT_TIMM_NAME!r}")
+        if self.text.hf_model_dir is not None and self.text.kind != "hf":
+            # NOTE: otherwise a Hugging Face directory passed to a CLIP-BPE student would be silently ignored
+            raise UsageError(
+                f"student {self.name!r}: hf_model_dir is only for Hugging Face text towers (text kind 'hf'), "
+                f"its text tower is {self.text.kind!r}"
+            )
         if self.multimodal is not None:
             self._check_coca(self.multimodal)
 
@@ -405,10 +441,11 @@ class StudentCfg:
         """Build a StudentCfg from an open_clip model config (+ optional preprocess config).
 
         Covers timm and native-ViT image towers (with or without attentional pooling), transformer (or our MCt)
-        text towers, and CoCa (`multimodal_cfg`).
+        text towers, Hugging Face text towers (`hf_model_name` a local directory; mean or last-hidden-state CLS
+        pooling), and CoCa (`multimodal_cfg`).
 
         Raises:
-            UsageError: any other open_clip feature (HF text towers, ModifiedResNet, ...), naming the key.
+            UsageError: any other open_clip feature (ModifiedResNet, BERT pooler-output pooling, ...), naming the key.
         """
         extra_top = set(model_cfg) - {
             "embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "multimodal_cfg"
@@ -466,8 +503,31 @@ def _image_from_open_clip(vision: ConfigDict, preprocess: ConfigDict) -> ImageTo
     return ImageTowerCfg(**kw)
 
 
+def _hf_text_from_open_clip(text: ConfigDict) -> TextTowerCfg:
+    """The `TextTowerCfg` of an open_clip Hugging Face `text_cfg` (`hf_model_name`, open_clip's `HFTextEncoder`)."""
+    poolings = {v: k for k, v in HF_POOLERS.items()}
+    pooler = text.pop("hf_pooler_type", "mean_pooler")  # open_clip's CLIPTextCfg default
+    if pooler not in poolings:
+        raise UsageError(f"unsupported open_clip hf_pooler_type {pooler!r} for a student (supported: {list(poolings)})")
+    proj = text.pop("hf_proj_type", "mlp")  # open_clip's CLIPTextCfg default
+    if proj not in ("linear", "mlp", None):
+        raise UsageError(f"unsupported open_clip hf_proj_type {proj!r} for a student (linear, mlp or null)")
+    kw: ConfigDict = {"kind": "hf", "hf_model_dir": str(text.pop("hf_model_name"))}
+    kw.update(hf_pooling=poolings[pooler], hf_proj="none" if proj is None else proj)
+    # NOTE: the tokenizer is always the model directory's own; the pretrained flag only matters to open_clip's build
+    for ignored in ("hf_tokenizer_name", "hf_model_pretrained", "vocab_size", "width", "heads", "layers"):
+        text.pop(ignored, None)
+    if "context_length" in text:
+        kw["context_length"] = text.pop("context_length")
+    if text:
+        raise UsageError(f"unsupported open_clip text_cfg key(s) for a student: {sorted(text)}")
+    return TextTowerCfg(**kw)
+
+
 def _text_from_open_clip(text: ConfigDict) -> TextTowerCfg:
-    """The `TextTowerCfg` of an open_clip `text_cfg` (our MCt marker key included)."""
+    """The `TextTowerCfg` of an open_clip `text_cfg` (our MCt marker key and Hugging Face towers included)."""
+    if text.get("hf_model_name"):
+        return _hf_text_from_open_clip(text)
     kw: ConfigDict = {}
     mct = text.pop(MCT_OPEN_CLIP_MARKER, None)
     if mct is not None:

@@ -24,6 +24,7 @@ from mcd_common import UsageError
 from mcd_common.weights import WeightSpec
 from students.coca import CoCaStudent
 from students.config import StudentCfg
+from students.hf_text import HFTextTower, load_pretrained_encoder
 from students.io import load_student_weights, read_saved_student, read_state_dict, read_student_cfg
 from students.registry import LOCAL_DIR_PREFIX, saved_student_path, variant_cfg
 from students.towers import CLIPStudent
@@ -115,9 +116,10 @@ def create_student(name: str, *, weights: WeightSpec | None = None, **overrides:
         name: registered name (`mobileclip_s0`), `name.tag` (pretrained weights of that tag), or a saved student
             (`local-dir:PATH`, or a path such as `./runs/x` / `runs/x/last.ckpt`: a directory, `.safetensors` or
             `.ckpt`, loaded as is).
-        weights: explicit weights (beat a tag's weights).
+        weights: explicit weights (beat a tag's weights). Without them, a Hugging Face text tower
+            (`text.kind == "hf"`) starts from the pretrained encoder in its `hf_model_dir`.
         **overrides: config overrides (None values dropped), e.g. `image_size=64`, `context_length=32`,
-            `embed_dim=256`, `text_layers=2`; see `StudentCfg.with_overrides`.
+            `embed_dim=256`, `text_layers=2`, `hf_model_dir=PATH`; see `StudentCfg.with_overrides`.
 
     Raises:
         UnknownNameError: unknown name or tag (close matches listed).
@@ -143,6 +145,8 @@ def create_student(name: str, *, weights: WeightSpec | None = None, **overrides:
     student = build_student(cfg)
     if state is not None:
         load_student_weights(student, state, source=str(path))
+    elif isinstance(student.text, HFTextTower):
+        load_pretrained_encoder(student.text)  # a new student starts from its pretrained Hugging Face encoder
     return student
 
 

@@ -15,6 +15,11 @@ MCt students: open_clip has no MCt text tower (open_clip#958), so their `text_cf
 `CLIPTextCfg.__init__() got an unexpected keyword argument 'mct_text_tower_is_not_in_open_clip_load_with_students_...'`.
 Load those with `students.load_student(path)`.
 
+Hugging Face text towers: the directory also holds the encoder's `config.json` and tokenizer files, and both the
+open_clip `text_cfg` (`hf_model_name`) and the `StudentCfg` name the directory itself, so the student rebuilds
+offline without the directory it was built from. Reading a moved directory uses the files where they are now
+(open_clip, which reads `hf_model_name` as written, needs the directory at the path it was saved to).
+
 Weights are read only through `mcd_common.weights` (safetensors, or `torch.load(weights_only=True)` with no
 fallback): nothing here unpickles.
 
@@ -25,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +47,7 @@ from mcd_common._open_clip import find_checkpoint_in_dir
 from mcd_common.files import atomic_path, atomic_write_text
 from mcd_common.weights import read_state_dict_file, read_weights, state_dict_mismatch
 from students.config import StudentCfg
+from students.hf_text import HF_CONFIG_NAME, HFTextTower, save_hf_files
 from students.published import adapt_state_dict, read_published_checkpoint
 from students.towers import CLIPStudent
 
@@ -87,12 +94,18 @@ def save_student(student: CLIPStudent, out_dir: str | os.PathLike) -> Path:
     """Write `student` as an open_clip directory; returns the directory.
 
     Files: `open_clip_config.json` (`{"model_cfg", "preprocess_cfg", "distill": {"student_cfg", "format",
-    "reparameterized"}}`) and `open_clip_model.safetensors`. Both are written atomically, weights first, so a
-    config on disk always has its weights next to it.
+    "reparameterized"}}`) and `open_clip_model.safetensors`, plus a Hugging Face text tower's `config.json` and
+    tokenizer files. Every file is written atomically, the config last, so a config on disk always has its weights
+    (and tokenizer) next to it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = student.cfg
+    if isinstance(student.text, HFTextTower):
+        # The Hugging Face config + tokenizer go into the student directory, which the written config names as
+        # its text tower directory: the saved student no longer needs the directory it was built from.
+        save_hf_files(student.text, out)
+        cfg = _with_hf_dir(cfg, out.resolve())
     # NOTE: clone so safetensors never sees views sharing storage (it refuses them), and tensors are on the CPU.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in student.state_dict().items()}
     reparameterized = any("reparam_conv" in k for k in tensors)
@@ -107,6 +120,11 @@ def save_student(student: CLIPStudent, out_dir: str | os.PathLike) -> Path:
     if cfg.text.kind == "mct":
         _logger.info("saved MCt student to %s: load it with students.load_student (open_clip cannot)", out)
     return out
+
+
+def _with_hf_dir(cfg: StudentCfg, directory: Path) -> StudentCfg:
+    """`cfg` with its Hugging Face text tower read from `directory`."""
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hf_model_dir=str(directory)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,11 +220,18 @@ def _read_config_json(config_path: Path) -> tuple[StudentCfg, bool]:
         fmt = distill.get("format", FORMAT_VERSION)
         if fmt > FORMAT_VERSION:
             raise UsageError(f"{config_path} has student format {fmt}; this version reads up to {FORMAT_VERSION}")
-        return StudentCfg.from_dict(distill["student_cfg"]), bool(distill.get("reparameterized", False))
-    if "model_cfg" not in config:
+        cfg, reparameterized = StudentCfg.from_dict(distill["student_cfg"]), bool(distill.get("reparameterized"))
+    elif "model_cfg" in config:
+        name = config_path.parent.name or "open_clip"
+        cfg = StudentCfg.from_open_clip(config["model_cfg"], config.get("preprocess_cfg"), name=name)
+        reparameterized = False
+    else:
         raise UsageError(f"{config_path} has neither a 'distill.student_cfg' nor a 'model_cfg' section")
-    name = config_path.parent.name or "open_clip"
-    return StudentCfg.from_open_clip(config["model_cfg"], config.get("preprocess_cfg"), name=name), False
+    if cfg.text.kind == "hf" and (config_path.parent / HF_CONFIG_NAME).is_file():
+        # NOTE: a saved student's own Hugging Face files win over the path recorded when it was saved (it may
+        # have been moved or copied since)
+        cfg = _with_hf_dir(cfg, config_path.parent.resolve())
+    return cfg, reparameterized
 
 
 def _config_next_to(path: Path) -> Path:

@@ -5,7 +5,8 @@ teacher-sized for the demo and `tiny_vit_s` is a half-width/half-depth student t
 (`students.inherit_weights`). `test_tiny_mci` / `tiny_mci` use timm `fastvit_t8`, a real FastViT with
 re-parameterisable MobileOne/RepMixer blocks, which runs at 32 and 64 px. `tiny_coca` / `test_tiny_coca` are CoCa
 students (attentional-pool ViT, CLS text tower, captioning decoder; `students.coca`) sized to train a captioning
-teacher on a CPU: 64 px images, Flickr8k-length captions (context 32).
+teacher on a CPU: 64 px images, Flickr8k-length captions (context 32). `test_tiny_hf` / `vit_minilm` have a
+pretrained Hugging Face text tower (`students.hf_text`) whose directory is given as `hf_model_dir=PATH`.
 
 References:
     timm `test_vit` / FastViT: https://github.com/huggingface/pytorch-image-models
@@ -45,6 +46,23 @@ def test_tiny_mci() -> StudentCfg:
     """Test student with a real FastViT image tower (timm fastvit_t8 @ 32 px, classifier as projection)."""
     image = ImageTowerCfg(image_size=32, timm_model_name="fastvit_t8", timm_pool="avg", timm_proj=None)
     return StudentCfg(name="test_tiny_mci", embed_dim=32, image=image, text=_TINY_TEXT)
+
+
+@register_student
+def test_tiny_hf() -> StudentCfg:
+    """Test student with a Hugging Face text tower (mean pooling, linear projection); pass `hf_model_dir=PATH`."""
+    text = TextTowerCfg(kind="hf", context_length=16, hf_pooling="mean", hf_proj="linear")
+    return StudentCfg(name="test_tiny_hf", embed_dim=32, image=_TINY_VIT, text=text)
+
+
+@register_student
+def vit_minilm() -> StudentCfg:
+    """tiny_vit's image tower (64 px ViT 192 x 6) + a pretrained Hugging Face text encoder (e.g. all-MiniLM-L6-v2),
+    mean-pooled, linear projection to 256; context 64. Pass the encoder directory: `hf_model_dir=PATH`
+    (`distill train --hf_text_dir PATH`), and lock it with `--lock.text true` for LiT-style training."""
+    image = ImageTowerCfg(image_size=64, patch_size=8, width=192, layers=6, head_width=32)
+    text = TextTowerCfg(kind="hf", context_length=64, hf_pooling="mean", hf_proj="linear")
+    return StudentCfg(name="vit_minilm", embed_dim=256, image=image, text=text)
 
 
 @register_student

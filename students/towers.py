@@ -4,7 +4,8 @@ A student is an image tower plus a text tower that embed into one space. Both to
 tower builders (through the adapter `mcd_common._open_clip`), so `CLIPStudent.state_dict()` has exactly the keys of
 `open_clip.CustomTextCLIP` (`visual.*`, `text.*`, `logit_scale`) and a saved student loads with
 `open_clip.create_model("local-dir:...")`. The one exception is the MobileCLIP-S0 "MCt" text tower
-(`students/mct.py`), which open_clip does not implement (mlfoundations/open_clip#958). CoCa students are the
+(`students/mct.py`), which open_clip does not implement (mlfoundations/open_clip#958). Hugging Face text towers
+(`students/hf_text.py`) have open_clip `HFTextEncoder` keys. CoCa students are the
 subclass `students.coca.CoCaStudent`; `students.factory.build_student` picks the class from the config.
 
 References:
@@ -27,6 +28,7 @@ from torch import nn
 from mcd_common._open_clip import build_text_tower as open_clip_text_tower
 from mcd_common._open_clip import build_vision_tower
 from students.config import StudentCfg
+from students.hf_text import HFTextTower, HFTokenizer, check_hf_dir
 from students.mct import MCtTextTower
 
 _logger = logging.getLogger(__name__)
@@ -72,7 +74,14 @@ def make_apple_vit(visual: nn.Module) -> None:
 
 
 def build_text_tower(cfg: StudentCfg) -> nn.Module:
-    """Build the text tower of `cfg` (open_clip TextTransformer or MCt)."""
+    """Build the text tower of `cfg` (open_clip TextTransformer, MCt, or a Hugging Face encoder with random weights:
+    `students.factory.create_student` loads a new student's pretrained encoder)."""
+    if cfg.text.kind == "hf":
+        t = cfg.text
+        check_hf_dir(t.hf_model_dir, student=f"student {cfg.name!r}")
+        return HFTextTower(
+            cfg.embed_dim, t.hf_model_dir, pooling=t.hf_pooling, proj=t.hf_proj, context_length=t.context_length
+        )
     if cfg.text.kind == "mct":
         t = cfg.text
         return MCtTextTower(
@@ -104,6 +113,7 @@ class CLIPStudent(nn.Module):
         text: text tower (open_clip `TextTransformer` or `students.mct.MCtTextTower`).
         logit_scale: learnable log of the contrastive temperature, as in open_clip.
         caption_loss_enabled: whether the student has a captioning loss (`forward_train`; CoCa students only).
+        locked_eval_modules: submodules a tower lock froze (`students.lock`); `train()` keeps them in eval mode.
     """
 
     caption_loss_enabled: bool = False
@@ -120,6 +130,7 @@ class CLIPStudent(nn.Module):
             make_apple_vit(self.visual)
         self.text = build_text_tower(cfg)
         self.logit_scale = nn.Parameter(torch.ones([]) * cfg.init_logit_scale)
+        self.locked_eval_modules: tuple[str, ...] = ()
         # NOTE: non-persistent: preprocessing lives in the config, so state dicts stay open_clip-identical.
         self.register_buffer("pixel_mean", torch.tensor(cfg.image.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.image.std).view(1, 3, 1, 1), persistent=False)
@@ -180,10 +191,20 @@ class CLIPStudent(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def tokenize(self, texts: list[str] | str) -> torch.Tensor:
-        """CLIP BPE tokens `[N, context_length]` (open_clip `SimpleTokenizer`, works offline)."""
+        """Tokens `[N, context_length]` of this student's tokenizer (see `text_tokenizer`), offline."""
         if isinstance(texts, str):
             texts = [texts]
-        return _tokenizer(self.context_length)(list(texts))
+        return self.text_tokenizer()(list(texts))
+
+    def text_tokenizer(self) -> SimpleTokenizer | HFTokenizer:
+        """The student's tokenizer as a standalone, picklable callable (what data-loader workers receive).
+
+        CLIP BPE (open_clip `SimpleTokenizer`) for transformer and MCt towers; the Hugging Face directory's own
+        tokenizer for `hf` towers.
+        """
+        if isinstance(self.text, HFTextTower):
+            return self.text.tokenizer
+        return _tokenizer(self.context_length)
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Return `{"image_features", "text_features", "logit_scale"}` (features L2-normalised, scale = exp).
@@ -203,6 +224,20 @@ class CLIPStudent(nn.Module):
         return out
 
     # -- utilities ----------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> CLIPStudent:
+        """Set training mode; the submodules of a locked tower part (`locked_eval_modules`) stay in eval mode.
+
+        NOTE: so a locked tower's BatchNorm statistics do not drift and its dropout is off, without swapping modules
+        (open_clip's `freeze_batch_norm_2d` replaces them, which changes the state-dict keys).
+        """
+        super().train(mode)
+        if mode and self.locked_eval_modules:
+            modules = dict(self.named_modules())
+            for name in self.locked_eval_modules:
+                if name in modules:  # a folded (re-parameterised) block may have replaced it
+                    modules[name].eval()
+        return self
+
     @torch.no_grad()
     def reparameterize(self) -> CLIPStudent:
         """Fold every MobileOne/RepMixer/RepCPE (and MCt RepMixer) block in place; returns self.

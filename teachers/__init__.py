@@ -1,9 +1,10 @@
 """Frozen CLIP teachers (open_clip, Hugging Face transformers, ensembles) and synthetic-caption generators.
 
 Public API: ``create_teacher`` / ``create_captioner`` (``teachers.factory``) and their registries
-(``teachers.registry``; the published checkpoints are registered in ``teachers.published``), the ``Teacher``
-interface, ``TeacherEnsemble`` / ``as_ensemble``, and the frozen ``TeacherCfg`` / ``CaptionerCfg`` / ``WeightSpec``
-configs. Contracts: docs/DESIGN.md "teachers".
+(``teachers.registry``; the published checkpoints are registered in ``teachers.published``), the ``local-dir:``
+backend hook (``teachers.local_dir``: ``distill`` registers trained students there), the ``Teacher`` interface,
+``TeacherEnsemble`` / ``as_ensemble``, and the frozen ``TeacherCfg`` / ``CaptionerCfg`` / ``WeightSpec`` configs.
+Contracts: docs/DESIGN.md "teachers".
 
 ``import teachers`` imports only the registries (no torch, no open_clip), so listing names stays cheap
 (``distill zoo``); the factory and the model classes are imported on first access (PEP 562 ``__getattr__``).
@@ -12,6 +13,7 @@ configs. Contracts: docs/DESIGN.md "teachers".
 import importlib
 
 from . import published  # noqa: F401  (registers the named teachers and captioners)
+from .local_dir import list_local_dir_backends, register_local_dir_backend
 from .registry import (
     CaptionerCfg,
     TeacherCfg,
@@ -60,7 +62,9 @@ __all__ = [
     "get_captioner_cfg",
     "get_teacher_cfg",
     "list_captioners",
+    "list_local_dir_backends",
     "list_teachers",
     "register_captioner",
+    "register_local_dir_backend",
     "register_teacher",
 ]

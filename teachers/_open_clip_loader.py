@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from mcd_common import UnknownNameError, UsageError
 from mcd_common._open_clip import find_checkpoint_in_dir
 from mcd_common.weights import WeightSpec, read_state_dict_file, state_dict_mismatch
 
+from .local_dir import read_local_dir_config
 from .preprocess import Preprocess, checkpoint_preprocess, interpolation_mode
 from .registry import LOCAL_DIR_PREFIX
 from .teacher import TextTokenizer
@@ -143,20 +143,7 @@ def _builtin_source(
 def _local_dir_source(*, kind: str, name: str, arch: str, weights: WeightSpec, flag: str) -> _Source:
     """A ``local-dir:PATH`` open_clip directory: its config, its preprocessing and its checkpoint."""
     path = Path(arch[len(LOCAL_DIR_PREFIX) :]).expanduser()
-    if not path.is_dir():
-        raise UsageError(f"{kind} {name!r}: no such directory: {path}")
-    config_path = path / "open_clip_config.json"
-    if not config_path.is_file():
-        raise UsageError(
-            f"{kind} {name!r}: {config_path} not found; local-dir:PATH must name an open_clip directory "
-            "(open_clip_config.json with 'model_cfg' + weights), e.g. a student saved by this toolkit"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{kind} {name!r}: {config_path} is not readable JSON ({err})") from None
-    if not isinstance(config, dict) or "model_cfg" not in config:
-        raise UsageError(f"{kind} {name!r}: {config_path} has no 'model_cfg'")
+    config = read_local_dir_config(path, kind=kind, name=name)
     checkpoint = _weights_file(kind, name, weights.file, flag) if weights.file else find_checkpoint_in_dir(path)
     return _Source(
         LOCAL_DIR_PREFIX + str(path),
@@ -220,7 +207,8 @@ def _build(
     except TypeError as err:
         raise UsageError(
             f"{kind} {name!r}: open_clip cannot build {arch!r} ({err}); models with the MobileCLIP-S0 MCt text tower "
-            "are not open_clip models (open_clip#958)"
+            "are not open_clip models (open_clip#958): a student directory loads through the students backend that "
+            "`import distill` registers (teachers.local_dir; the distill command always has it)"
         ) from None
     return model
 

@@ -1,7 +1,8 @@
 """Build teachers and captioners: `create_teacher` and `create_captioner` dispatch a config to its backend.
 
 The registry (``teachers.registry``) is data; this module picks the backend (open_clip, Hugging Face, an ensemble
-of members built here) as open_clip's ``create_model`` and timm's ``create_model`` do. Every backend is imported at
+of members built here, or a ``local-dir:`` backend registered in ``teachers.local_dir``) as open_clip's
+``create_model`` and timm's ``create_model`` do. Every backend is imported at
 the top; ``import teachers`` stays light because ``teachers/__init__.py`` loads this module on first use.
 """
 
@@ -15,6 +16,7 @@ from mcd_common.weights import WeightSpec
 from .captioners import Captioner, build_hf_captioner, build_open_clip_captioner
 from .ensemble import TeacherEnsemble, member_cfgs
 from .hf_teacher import build_hf_teacher
+from .local_dir import local_dir_backend
 from .open_clip_teacher import build_open_clip_teacher
 from .registry import CaptionerCfg, TeacherCfg, apply_overrides, get_captioner_cfg, get_teacher_cfg
 from .teacher import Teacher
@@ -56,6 +58,10 @@ def create_teacher(
         return TeacherEnsemble(members, name=cfg.name)
     if cfg.source == "hf":
         return build_hf_teacher(cfg)
+    found = local_dir_backend(cfg)  # a local-dir: model open_clip cannot build (e.g. an MCt student)
+    if found is not None:
+        backend, directory = found
+        return backend.build(cfg, directory)
     return build_open_clip_teacher(cfg)
 
 

@@ -107,3 +107,39 @@ def _write_malicious_checkpoint(path, marker, state: dict | None = None, style: 
 def malicious_checkpoint():  # noqa: ANN201
     """`malicious_checkpoint(path, marker, state=None, style="reduce")`: see `_write_malicious_checkpoint`."""
     return _write_malicious_checkpoint
+
+
+# Words of the shapes corpus captions and CLIP's prompt templates, so the tiny WordPiece tokenizer below gives
+# different tokens to different captions (anything else becomes [UNK] or word pieces of single letters).
+_TINY_VOCAB_WORDS = (
+    "a an the of on in to and with is are photo picture drawing image one two three left right above below under "
+    "small large big red green blue yellow purple orange circle square triangle star cross dog cat there it"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_text_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A tiny random Hugging Face BERT encoder (hidden 32, 2 layers, 2 heads, 64 positions) and a WordPiece tokenizer
+    (`BertTokenizerFast` from a small vocab file), written with `save_pretrained`, as a sentence-transformers model
+    directory is. No network: built from a config with a fixed seed."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = list(dict.fromkeys(specials + _TINY_VOCAB_WORDS + letters + ["##" + c for c in letters] + [".", ","]))
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
+    return directory

@@ -56,8 +56,12 @@ def test_from_open_clip_inverts_open_clip_model_cfg() -> None:
         cfg = students.get_student_cfg(name)
         back = StudentCfg.from_open_clip(cfg.open_clip_model_cfg(), cfg.open_clip_preprocess_cfg(), name=cfg.name)
         assert back == cfg
-    with pytest.raises(ValueError, match="hf_model_name"):
-        StudentCfg.from_open_clip({"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_model_name": "bert"}})
+    # a Hugging Face text tower is read with open_clip's defaults (mean pooler, mlp projection); a hub id as its
+    # directory is refused when the tower is built (everything loads offline, students.hf_text)
+    hf = StudentCfg.from_open_clip({"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_model_name": "bert"}})
+    assert (hf.text.kind, hf.text.hf_model_dir, hf.text.hf_pooling, hf.text.hf_proj) == ("hf", "bert", "mean", "mlp")
+    with pytest.raises(ValueError, match="never a hub id"):
+        students.build_student(hf)
 
 
 def test_state_dict_keys_match_open_clip_custom_text_clip() -> None:
