@@ -53,7 +53,6 @@ from reinforced_data import _outdir, schema
 from reinforced_data._io import TarShardWriter, encode_npz
 from reinforced_data._outdir import rebuild_manifest, shard_name
 from reinforced_data._plan import ShardPlan, plan_inputs
-from reinforced_data._workers import init_worker
 from reinforced_data.augment import AugmentCfg, record_rng, replay, sample_record
 from reinforced_data.shapes import DEFAULT_CORPUS_DIR
 from reinforced_data.sources import (
@@ -66,6 +65,7 @@ from reinforced_data.sources import (
     resolve_inputs,
 )
 from reinforced_data.verify import verify_dataset
+from reinforced_data.workers import init_worker
 
 __all__ = ["BuildArgs", "build_data", "dist_env", "rebuild_manifest", "shard_name"]
 
@@ -937,7 +937,7 @@ def _write_shards(
         num_workers=args.num_workers,
         collate_fn=_as_is,
         pin_memory=encoder.device.type == "cuda",
-        # NOTE: workers get SIGKILL when this process dies (a kill -9 leaves no worker behind, _workers.py).
+        # NOTE: workers get SIGKILL when this process dies (a kill -9 leaves no worker behind, workers.py).
         worker_init_fn=functools.partial(init_worker, os.getpid()) if args.num_workers > 0 else None,
         prefetch_factor=2 if args.num_workers > 0 else None,
     )

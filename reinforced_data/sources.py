@@ -50,6 +50,7 @@ __all__ = [
     "iter_samples",
     "load_captions",
     "manifest_shards",
+    "raw_from_members",
     "read_sample",
     "resolve_inputs",
 ]
@@ -449,11 +450,12 @@ def read_sample(shard: InputShard, ref: SampleRef, reader: TarReader | None = No
         return _read_folder_item(shard, ref)
     if reader is None:
         with TarReader() as own:
-            return _from_members(ref.key, own.read_sample(shard.path, ref.indexed))
-    return _from_members(ref.key, reader.read_sample(shard.path, ref.indexed))
+            return raw_from_members(ref.key, own.read_sample(shard.path, ref.indexed))
+    return raw_from_members(ref.key, reader.read_sample(shard.path, ref.indexed))
 
 
-def _from_members(key: str, data: dict[str, bytes]) -> RawSample:
+def raw_from_members(key: str, data: dict[str, bytes]) -> RawSample:
+    """A tar sample's `{ext: bytes}` as a `RawSample` (image, caption from `txt` or `json`, captions, url, meta)."""
     meta: dict[str, object] = {}
     if schema.KEY_JSON in data:
         try:
