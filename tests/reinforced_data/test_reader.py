@@ -361,3 +361,23 @@ def test_every_kind_of_bad_stored_sample_is_counted(tmp_path, built, shard_reade
     ds = _reinforced(f"{first}::{second}", tok)
     assert len(ds) == 2
     assert ds.stats()["skipped"] == {**dict.fromkeys(bad, 1), "duplicate_uid": 1}
+
+
+def test_fast_npz_reader_matches_numpy_and_refuses_pickles():
+    from reinforced_data._io import decode_npz_arrays
+
+    rng = np.random.default_rng(0)
+    arrays = {"image_emb": rng.normal(size=(3, 8)).astype(np.float16), "text_emb": rng.normal(size=(1, 8))}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, fortran=np.asfortranarray(rng.normal(size=(4, 3))), empty=np.zeros((0, 8)))
+    for blob in (encode_npz(arrays), buf.getvalue()):
+        got = decode_npz_arrays(blob, ("image_emb", "text_emb", "missing"))
+        assert list(got) == ["image_emb", "text_emb"]
+        for name, arr in got.items():
+            assert arr.dtype == arrays[name].dtype and np.array_equal(arr, arrays[name])
+    got = decode_npz_arrays(buf.getvalue(), ("fortran", "empty"))  # numpy's own reader for Fortran order
+    assert got["fortran"].shape == (4, 3) and got["empty"].shape == (0, 8)
+    pickled = io.BytesIO()
+    np.savez(pickled, image_emb=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        decode_npz_arrays(pickled.getvalue(), ("image_emb",))

@@ -134,6 +134,8 @@ def test_unreadable_input_shards_fail_alone_and_a_rerun_retries_only_them(tmp_pa
     assert "truncated" in failed[str(inputs[2])] or "unexpected end" in failed[str(inputs[2])]
     progress = json.loads((out / "progress.json").read_text())
     assert [f["shard"] for f in progress["failed_inputs"]] == ["00000001.tar", "00000002.tar", "00000003.tar"]
+    problems = verify_dataset(out)["problems"]
+    assert any("00000002.tar: input" in p and "could not be read" in p for p in problems)
 
     for p in inputs[1:4]:
         shutil.copy(good, p)
