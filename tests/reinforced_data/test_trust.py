@@ -232,3 +232,20 @@ def test_out_holding_the_inputs_is_refused(tmp_path, corpus):
     shutil.copy(corpus / "train" / "shapes-train-000002.tar", tmp_path / "00000000.tar")
     with pytest.raises(UsageError, match="holds the input shard 00000000.tar"):
         build_data(out=tmp_path, input=str(tmp_path / "00000000.tar"), teacher="test_tiny", build=BuildArgs(**KW))
+
+
+def test_overwrite_refuses_while_another_build_is_running(tmp_path, corpus):
+    from mcd_common.files import FileLock
+
+    spec = str(corpus / "train" / "shapes-train-000002.tar")
+    out = tmp_path / "ds"
+    build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW))
+    running = FileLock(out / "_progress" / "locks" / "build.lock", shared=True).acquire()  # what a build holds
+    try:
+        with pytest.raises(UsageError, match="another build-data process is writing"):
+            build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW), overwrite=True)
+        assert (out / "00000000.tar").is_file()  # nothing was deleted
+        resumed = build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW))  # builds share it
+        assert resumed["shards_resumed"] == 1
+    finally:
+        running.release()
