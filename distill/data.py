@@ -108,7 +108,7 @@ def _read_json(path: Path) -> object:
     except (OSError, ValueError) as exc:
         raise UsageError(
             f"{path}: not readable JSON ({exc}); the dataset is damaged: restore the file, or rebuild the dataset "
-            "with `distill build-data --overwrite`"
+            "with `distill build-data --overwrite true`"
         ) from None
 
 

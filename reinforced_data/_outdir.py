@@ -192,7 +192,7 @@ def prepare_out(out: Path, config: dict, teach: dict) -> None:
                 tmp.unlink(missing_ok=True)
         cfg_path = out / schema.CONFIG_FILE
         config = json.loads(json.dumps(config))  # compare in JSON form (tuples -> lists)
-        how = "use a new --out directory, or pass --overwrite to delete this dataset and rebuild it"
+        how = "use a new --out directory, or pass --overwrite true to delete this dataset and rebuild it"
         if cfg_path.is_file():
             try:
                 old = json.loads(cfg_path.read_text(encoding="utf-8"))
