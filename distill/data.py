@@ -6,6 +6,11 @@ record, synthetic caption) derives from `(seed, epoch, sample)`. `ResumableSampl
 permutation split across ranks like `DistributedSampler` and yields `(index, epoch)` keys, so the epoch reaches
 the dataset explicitly and the stream is a pure function of the step: a run resumed from a checkpoint at step N
 sees exactly the batches an uninterrupted run would, whatever the worker count.
+
+`resolve_data` refuses what cannot be trained on as asked, before any model is built: data that looks reinforced
+(embeddings, `teach.json`) without augmentation records, `teach.json` widths that do not match the stored arrays, a
+damaged `teach.json` / `config.json`. Samples that cannot be used are left out of the index and counted
+(`DistillDataModule.data_stats()`, for `run.json`). Loader workers exit when the training process dies.
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Sampler
 
 from distill.args import DataArgs, EvalArgs
-from distill.evaluate import CLIP_TEMPLATES, CaptionSet, ImageFolderSet, collate_captions
+from distill.evaluate import CLIP_TEMPLATES, CaptionSet, ImageFolderSet, collate_captions, collate_images
 from mcd_common.errors import UsageError
-from mcd_common.tars import TarReader
+from mcd_common.tars import TarFileError, TarReader
 from reinforced_data import schema
 from reinforced_data.augment import DATACOMPDR_LAYOUT, AugmentCfg, RecordLayout
-from reinforced_data.reader import ImageTextDataset, ReinforcedDataset, ReinforcedOptions, collate
+from reinforced_data.reader import ImageTextDataset, ReinforcedDataset, ReinforcedOptions, collate, stored_width
 from reinforced_data.shapes import default_corpus
 from reinforced_data.sources import InputShard, index_shard, resolve_inputs
+from reinforced_data.workers import exit_with_parent
 from students import CLIPStudent
 from teachers import get_teacher_cfg
 
@@ -94,11 +101,27 @@ class DataSpec:
         return h.hexdigest()
 
 
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{path}: not readable JSON ({exc}); the dataset is damaged: restore the file, or rebuild the dataset "
+            "with `distill build-data --overwrite true`"
+        ) from None
+
+
 def _load_teach(root: Path, first: dict[str, bytes], teacher_dims: tuple[int, ...] | None) -> list[dict]:
     if (root / schema.TEACH_FILE).is_file():
-        return schema.check_teach(json.loads((root / schema.TEACH_FILE).read_text()))
+        teach = _read_json(root / schema.TEACH_FILE)
+        if not isinstance(teach, dict):
+            raise UsageError(f"{root / schema.TEACH_FILE}: expected a JSON object with a 'teachers' list")
+        return schema.check_teach(teach)
     if schema.KEY_TEACH in first:
-        return schema.check_teach(json.loads(first[schema.KEY_TEACH]))
+        try:
+            return schema.check_teach(json.loads(first[schema.KEY_TEACH]))
+        except (ValueError, AttributeError):
+            raise UsageError(f"{root}: the first sample's teach.json is not a JSON object with 'teachers'") from None
     if teacher_dims:
         return [{"name": f"teacher{k}", "dim": int(d), "logit_scale": 100.0} for k, d in enumerate(teacher_dims)]
     raise UsageError(
@@ -111,15 +134,61 @@ def _first_members(shard: InputShard) -> dict[str, bytes]:
     """The members of a tar shard's first sample ({} for folders and empty shards)."""
     if shard.kind != "tar":
         return {}
-    refs = index_shard(shard)
+    try:
+        refs = index_shard(shard)
+    except (TarFileError, OSError) as exc:
+        raise UsageError(f"--data.path: shard {shard.name} cannot be read ({exc})") from None
     if not refs:
         return {}
     with TarReader() as reader:
         return reader.read_sample(shard.path, refs[0].indexed)
 
 
+def _check_reinforced(first: dict[str, bytes], root: Path, source: str) -> None:
+    """Refuse data that looks reinforced (embeddings, `teach.json`) but cannot be trained on as such."""
+    marks = [k for k in (schema.KEY_NPZ, schema.KEY_PTH, schema.KEY_TEACH) if k in first]
+    if (root / schema.TEACH_FILE).is_file():
+        marks.append(str(root / schema.TEACH_FILE))
+    if not marks:
+        return
+    missing = [k for k in (schema.KEY_PAUG,) if k not in first]
+    if not (schema.KEY_NPZ in first or schema.KEY_PTH in first):
+        missing.append("npz|pth.gz")
+    if missing:
+        raise UsageError(
+            f"--data.path {source} looks like reinforced data ({', '.join(marks)}) but its samples have no "
+            f"{' and no '.join(missing)} (augmentation records / stored embeddings), so it cannot be trained on as "
+            "reinforced data; rebuild it with `distill build-data`, or pass the original images for online/scratch "
+            "training"
+        )
+
+
+def _check_width(first: dict[str, bytes], teach: list[dict], trust_pickle: bool, where: str, given: bool) -> None:
+    """The stored arrays must be as wide as the teachers' dims add up to (checked on the first sample)."""
+    width = sum(int(t["dim"]) for t in teach)
+    stored = stored_width(first, trust_pickle)
+    if stored is None or stored == width:
+        return  # a damaged first sample is left out of the index and counted there
+    dims = {t["name"]: int(t["dim"]) for t in teach}
+    if given:
+        raise UsageError(
+            f"--data.teacher_dims {list(dims.values())} add up to {width}, but the stored embeddings of {where} "
+            f"are {stored} wide; pass the widths the shards were built with"
+        )
+    raise UsageError(
+        f"{where}: the stored embeddings are {stored} wide, but teach.json's teachers {dims} add up to {width}; "
+        "this teach.json does not describe these shards (rebuild the dataset, or restore its teach.json)"
+    )
+
+
 def resolve_data(args: DataArgs) -> DataSpec:
-    """Find the training shards and tell reinforced data from plain image-caption data."""
+    """Find the training shards and tell reinforced data from plain image-caption data.
+
+    Raises:
+        UsageError: On data that looks reinforced without augmentation records or embeddings, `teach.json`
+            widths that do not match the stored arrays, a damaged `teach.json` / `config.json`, an unreadable
+            first shard.
+    """
     corpus_root = None
     if args.path is None:
         corpus_root = default_corpus(args.corpus_dir)
@@ -128,6 +197,9 @@ def resolve_data(args: DataArgs) -> DataSpec:
         raise UsageError(f"--data.path {args.path!r} holds no shard")
     source = args.path or str(corpus_root)
     first = _first_members(shards[0])
+    root = Path(shards[0].path).parent
+    if shards[0].kind == "tar":
+        _check_reinforced(first, root, source)
     is_reinforced = schema.KEY_PAUG in first and (schema.KEY_NPZ in first or schema.KEY_PTH in first)
     if not is_reinforced:
         return DataSpec(False, shards, source, corpus_root=corpus_root)
@@ -136,8 +208,9 @@ def resolve_data(args: DataArgs) -> DataSpec:
             "these shards store embeddings as pth.gz (a pickle, which can run code): pass "
             "--data.trust_pickle true only if you trust where they came from"
         )
-    root = Path(shards[0].path).parent
     teach = _load_teach(root, first, args.teacher_dims)
+    given = not (root / schema.TEACH_FILE).is_file() and schema.KEY_TEACH not in first
+    _check_width(first, teach, args.trust_pickle, f"{shards[0].path} (first sample)", given)
     layout = _record_layout(root)
     layout.check_replayable(str(root / schema.CONFIG_FILE))
     return DataSpec(True, shards, source, teach=teach, record_layout=layout)
@@ -153,6 +226,13 @@ def _record_layout(root: Path) -> RecordLayout:
         return RecordLayout.from_config(image_aug)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{path}: no readable reinforce.image_augmentation block ({err})") from None
+
+
+def _init_worker(parent_pid: int, rank: int, worker_id: int) -> None:
+    """Loader workers exit with the training process (a kill -9 leaves none behind), seeded as Lightning would."""
+    exit_with_parent(parent_pid)
+    if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds itself when no worker_init_fn is set
+        pl_worker_init_function(worker_id, rank)
 
 
 class ResumableSampler(Sampler):
@@ -229,13 +309,33 @@ class DistillDataModule(pl.LightningDataModule):
         return ImageTextDataset(self.spec.shards, self.tokenizer, self.image_size, self.interpolation, aug, self.seed)
 
     def setup(self, stage: str) -> None:
-        """Index the training shards (once) for `fit`."""
+        """Index the training shards (once) for `fit`: bad samples are left out and counted (`data_stats`)."""
         if self._train is None and stage == "fit":
             self._train = self._train_set()
+            stats = self._train.stats()
+            _logger.info(
+                "training data: %d usable of %d samples%s",
+                stats["samples_usable"],
+                stats["samples_indexed"],
+                f", left out {stats['skipped']}" if stats["skipped"] else "",
+            )
             if len(self._train) < self.args.batch_size:
                 raise UsageError(
                     f"--data.batch_size {self.args.batch_size} is larger than the dataset ({len(self._train)} samples)"
                 )
+
+    def data_stats(self) -> dict | None:
+        """What indexing and loading the training data found, for `run.json` (None before `setup("fit")`).
+
+        Returns:
+            `samples_indexed`, `samples_usable`, `skipped` (`{reason: count}`: samples left out of the index, e.g.
+            `empty_embeddings`, `duplicate_uid`, `no_paug`), `skipped_examples` (the first few, named), and
+            `replaced_at_load` (images that failed to decode when read, each replaced by the next sample).
+        """
+        return None if self._train is None else self._train.stats()
+
+    def _worker_init(self, rank: int) -> functools.partial | None:
+        return functools.partial(_init_worker, os.getpid(), rank) if self.args.num_workers > 0 else None
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -255,14 +355,19 @@ class DistillDataModule(pl.LightningDataModule):
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.args.num_workers > 0,
+            worker_init_fn=self._worker_init(rank),
         )
 
     def val_dataloader(self) -> list[DataLoader]:
         loaders = []
         bs, workers = self.val.batch_size, min(self.args.num_workers, 2)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        init = self._worker_init(rank) if workers > 0 else None
         if self.zeroshot_set is not None:
             zs = ImageFolderSet(self.zeroshot_set, self.image_size, self.interpolation, self.val.max_images)
-            loaders.append(DataLoader(zs, batch_size=bs, num_workers=workers))
+            loaders.append(
+                DataLoader(zs, batch_size=bs, num_workers=workers, collate_fn=collate_images, worker_init_fn=init)
+            )
         if self.retrieval_set is not None:
             ret = CaptionSet(
                 self.retrieval_set,
@@ -278,6 +383,7 @@ class DistillDataModule(pl.LightningDataModule):
                     batch_size=bs,
                     num_workers=workers,
                     collate_fn=functools.partial(collate_captions, tokenize=self.tokenizer),
+                    worker_init_fn=init,
                 )
             )
         return loaders

@@ -4,6 +4,11 @@ Zero-shot follows CLIP (Radford et al. 2021): one classifier row per class = the
 normalised prompt embeddings ("prompt ensembling"); top-1 over an image-folder dataset (CIFAR-10 layout).
 Retrieval reports Recall@1/5/10 in both directions over an image-caption set with several captions per image
 (Flickr8k test: 1,000 images, 5,000 captions); an image->text hit is any of the image's own captions in the top K.
+
+An image that cannot be decoded is left out of the metrics and counted (`zeroshot_skipped`, `retrieval_skipped` in
+the results, with the first files named), never fatal. A retrieval set that ships split files (`splits/*.txt`, as
+flickr8k) evaluated without `--data.retrieval_split_file` is evaluated on every image, training images included:
+that is warned about, and the results record the split used (`retrieval_split`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.args import EvalArgs
 from mcd_common.errors import UsageError
 from mcd_common.files import atomic_write_json
-from mcd_common.images import eval_view
+from mcd_common.images import ImageDecodeError, eval_view
 from mcd_common.tars import MemberRef, TarReader, index_tar
 from reinforced_data.shapes import default_corpus
 from students import CLIPStudent, create_student, load_student
@@ -36,6 +41,7 @@ __all__ = [
     "CLIP_TEMPLATES",
     "CaptionSet",
     "ImageFolderSet",
+    "collate_images",
     "evaluate",
     "format_results",
     "load_image",
@@ -45,6 +51,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # tar members holding the image, in order of preference
+_MAX_LISTED = 20  # unreadable images named in the results; the count is always complete
 # A short subset of CLIP's ImageNet prompt ensemble, used when a dataset brings no templates of its own.
 CLIP_TEMPLATES = (
     "a photo of a {}.",
@@ -110,7 +117,15 @@ def load_image(data: bytes | str | Path, image_size: int, interpolation: str = "
 
 
 class ImageFolderSet(Dataset):
-    """`root/<class name>/*.jpg` (CIFAR-10 test layout); class names are folder names with `_` as spaces."""
+    """`root/<class name>/*.jpg` (CIFAR-10 test layout); class names are folder names with `_` as spaces.
+
+    An item is `{"image", "label", "path"}`; an image that does not decode gives `image` None (and `error`):
+    `collate_images` drops it and lists it under `skipped`.
+
+    Raises:
+        UsageError: When `root` is not a directory of class folders with images (e.g. the dataset root holding
+            `train/` and `test/` instead of `test/` itself).
+    """
 
     def __init__(
         self, root: str | Path, image_size: int, interpolation: str = "bicubic", max_images: int | None = None
@@ -125,6 +140,8 @@ class ImageFolderSet(Dataset):
         self.items = [
             (f, c) for c, d in enumerate(folders) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS
         ]
+        if not self.items:
+            _no_images(root, folders)
         if max_images is not None and len(self.items) > max_images:
             # Keep class balance when capping: a fixed-stride subsample of the sorted list.
             stride = len(self.items) / max_images
@@ -137,7 +154,41 @@ class ImageFolderSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path, label = self.items[i]
-        return {"image": load_image(path, self.image_size, self.interpolation), "label": label}
+        try:
+            image = load_image(path, self.image_size, self.interpolation)
+        except (ImageDecodeError, OSError) as exc:
+            return {"image": None, "label": label, "path": str(path), "error": str(exc)}
+        return {"image": image, "label": label, "path": str(path)}
+
+
+def _no_images(root: Path, folders: list[Path]) -> None:
+    """Raise the right message for a zero-shot folder whose class folders hold no image."""
+    nested = [
+        d.name
+        for d in folders
+        if any(sub.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir()) for sub in d.iterdir())
+    ]
+    if nested:
+        pick = "test" if "test" in nested else nested[0]
+        raise UsageError(
+            f"zero-shot set {root} holds splits ({', '.join(nested)}), not class folders of images: pass "
+            f"--data.zeroshot {root / pick}"
+        )
+    raise UsageError(
+        f"zero-shot set {root}: its {len(folders)} class folders hold no image ({', '.join(IMAGE_EXTENSIONS)})"
+    )
+
+
+def collate_images(batch: list[dict]) -> dict:
+    """Stack images (`[B, 3, S, S]` uint8) and labels; items whose image did not decode are dropped and their
+    paths listed under `skipped`."""
+    ok = [b for b in batch if b["image"] is not None]
+    images = torch.stack([b["image"] for b in ok]) if ok else torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    return {
+        "image": images,
+        "label": torch.tensor([b["label"] for b in ok], dtype=torch.long),
+        "skipped": [f"{b['path']}: {b['error']}" for b in batch if b["image"] is None],
+    }
 
 
 def _templates_near(root: Path) -> list[str] | None:
@@ -166,6 +217,8 @@ class CaptionSet(Dataset):
         max_images: int | None = None,
     ) -> None:
         self.image_size, self.interpolation = image_size, interpolation
+        self.split = _split_used(source, captions, split_file)
+        """The split file evaluated, or `all` (every image of the set)."""
         self.items: list[tuple[Path | MemberRef, list[str]]] = _caption_items(source, captions, split_file)
         if not self.items:
             raise UsageError(f"--val.retrieval {source}: holds no image with a caption")
@@ -178,11 +231,36 @@ class CaptionSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image, caps = self.items[i]
-        data = self._reader.read(image) if isinstance(image, MemberRef) else image.read_bytes()
-        return {"image": load_image(data, self.image_size, self.interpolation), "captions": caps}
+        where = f"{image.path}@{image.offset}" if isinstance(image, MemberRef) else str(image)
+        try:
+            data = self._reader.read(image) if isinstance(image, MemberRef) else image.read_bytes()
+            pixels = load_image(data, self.image_size, self.interpolation)
+        except (ImageDecodeError, OSError) as exc:
+            return {"image": None, "captions": caps, "path": where, "error": str(exc)}
+        return {"image": pixels, "captions": caps, "path": where}
 
 
 _ImageItem = tuple[Path | MemberRef, list[str]]
+
+
+def _split_used(source: str | Path, captions: str | Path | None, split_file: str | Path | None) -> str:
+    """`split_file`, or `all`; warns when the set ships split files but none was given (training images would be
+    evaluated too)."""
+    if split_file is not None:
+        return str(split_file)
+    src = Path(str(source)).expanduser()
+    roots = [src] + ([Path(captions).expanduser().parent] if captions is not None else [])
+    splits = sorted({str(p) for r in roots if r.is_dir() for p in (r / "splits").glob("*.txt")})
+    if splits:
+        test = next((p for p in splits if Path(p).stem == "test"), splits[0])
+        _logger.warning(
+            "retrieval set %s has split files (%s) but no --data.retrieval_split_file was given: every image is "
+            "evaluated, training images included; pass --data.retrieval_split_file %s for a held-out score",
+            source,
+            ", ".join(Path(p).name for p in splits),
+            test,
+        )
+    return "all"
 
 
 def _caption_items(source: str | Path, captions: str | Path | None, split_file: str | Path | None) -> list[_ImageItem]:
@@ -242,13 +320,31 @@ def _tar_items(pattern: str) -> list[_ImageItem]:
 
 
 def collate_captions(batch: list[dict], tokenize: Callable[[list[str]], Tensor] | None = None) -> dict:
-    """Stack images; flatten captions with `owner` = index of their image in the batch (and tokens if asked)."""
-    captions = [c for b in batch for c in b["captions"]]
-    owner = torch.tensor([i for i, b in enumerate(batch) for _ in b["captions"]])
-    out = {"image": torch.stack([b["image"] for b in batch]), "captions": captions, "owner": owner}
+    """Stack images; flatten captions with `owner` = index of their image in the batch (and tokens if asked).
+
+    Items whose image did not decode are dropped with their captions and listed under `skipped`.
+    """
+    ok = [b for b in batch if b["image"] is not None]
+    captions = [c for b in ok for c in b["captions"]]
+    owner = torch.tensor([i for i, b in enumerate(ok) for _ in b["captions"]], dtype=torch.long)
+    images = torch.stack([b["image"] for b in ok]) if ok else torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    out = {
+        "image": images,
+        "captions": captions,
+        "owner": owner,
+        "skipped": [f"{b['path']}: {b['error']}" for b in batch if b["image"] is None],
+    }
     if tokenize is not None:
         out["text"] = tokenize(captions)
     return out
+
+
+def _skip_report(prefix: str, skipped: list[str]) -> dict:
+    if skipped:
+        _logger.warning(
+            "%s: %d image(s) could not be decoded and were left out, e.g. %s", prefix, len(skipped), skipped[0]
+        )
+    return {f"{prefix}_skipped": len(skipped), f"{prefix}_skipped_files": skipped[:_MAX_LISTED]}
 
 
 class _Encoder:
@@ -286,32 +382,55 @@ def _concat(out: Tensor | dict[str, Tensor]) -> Tensor:
 
 
 def run_zeroshot(enc: _Encoder, ds: ImageFolderSet, templates: list[str], batch_size: int, workers: int = 0) -> dict:
-    """Top-1 (and top-5 when there are > 5 classes) accuracy in percent."""
+    """Top-1 (and top-5 when there are > 5 classes) accuracy in percent, over the images that decode.
+
+    Raises:
+        UsageError: When no image of the set decodes.
+    """
     classifier = zeroshot_classifier(enc.encode_texts, ds.classes, templates)
     correct1 = correct5 = total = 0
-    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers):
+    skipped: list[str] = []
+    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_images):
+        skipped += batch["skipped"]
+        if not len(batch["label"]):
+            continue
         logits = enc.encode_images(batch["image"]) @ classifier
         labels = batch["label"].to(logits.device)
         correct1 += int((logits.argmax(-1) == labels).sum())
         if logits.shape[1] > 5:
             correct5 += int((logits.topk(5, dim=-1).indices == labels[:, None]).any(-1).sum())
         total += labels.numel()
+    if total == 0:
+        raise UsageError(f"zero-shot set: none of its {len(ds)} images could be decoded, e.g. {skipped[:1]}")
     out = {"zeroshot_top1": 100.0 * correct1 / total, "zeroshot_n": total, "zeroshot_classes": len(ds.classes)}
     if len(ds.classes) > 5:
         out["zeroshot_top5"] = 100.0 * correct5 / total
+    out.update(_skip_report("zeroshot", skipped))
     return out
 
 
 def run_retrieval(enc: _Encoder, ds: CaptionSet, batch_size: int, workers: int = 0) -> dict:
-    """Recall@1/5/10 in both directions, in percent."""
+    """Recall@1/5/10 in both directions, in percent, over the images that decode.
+
+    Raises:
+        UsageError: When no image of the set decodes.
+    """
     images, texts, owners, seen = [], [], [], 0
+    skipped: list[str] = []
     for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_captions):
+        skipped += batch["skipped"]
+        if not batch["image"].shape[0]:
+            continue
         images.append(enc.encode_images(batch["image"]))
         texts.append(enc.encode_texts(batch["captions"]))
         owners.append(batch["owner"] + seen)
         seen += batch["image"].shape[0]
+    if not seen:
+        raise UsageError(f"retrieval set: none of its {len(ds)} images could be decoded, e.g. {skipped[:1]}")
     out = retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(owners))
     out.update({"retrieval_images": seen, "retrieval_captions": int(sum(t.shape[0] for t in texts))})
+    out.update(_skip_report("retrieval", skipped))
+    out["retrieval_split"] = ds.split
     return out
 
 
@@ -389,6 +508,15 @@ def format_results(res: dict) -> str:
     if "i2t_R@1" in res:
         for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
             rows.append((label, "  ".join(f"R@{k} {res[f'{d}_R@{k}']:.2f}" for k in (1, 5, 10))))
-        rows.append(("retrieval set", f"{res['retrieval_images']} images, {res['retrieval_captions']} captions"))
+        split = res.get("retrieval_split", "all")
+        rows.append(
+            (
+                "retrieval set",
+                f"{res['retrieval_images']} images, {res['retrieval_captions']} captions (split: {split})",
+            )
+        )
+    skipped = {k: res[f"{k}_skipped"] for k in ("zeroshot", "retrieval") if res.get(f"{k}_skipped")}
+    if skipped:
+        rows.append(("not decodable", ", ".join(f"{n} {k} image(s), left out" for k, n in skipped.items())))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

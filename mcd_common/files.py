@@ -223,18 +223,21 @@ class LockedError(RuntimeError):
 
 
 class FileLock:
-    """An exclusive advisory lock (`fcntl.flock`) on a lock file; released when closed or when the process dies.
+    """An advisory lock (`fcntl.flock`) on a lock file; released when closed or when the process dies.
 
     The kernel drops the lock of a killed process, so a stale lock file never blocks a rerun.
 
     Args:
         path: The lock file (created if missing; its content is the holder's pid, for messages).
         blocking: Wait for the lock instead of raising `LockedError`.
+        shared: A shared lock (many holders at once, none while an exclusive one is held), e.g. "a build is
+            running" against an exclusive "the dataset is being deleted".
     """
 
-    def __init__(self, path: str | os.PathLike, *, blocking: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, blocking: bool = False, shared: bool = False) -> None:
         self.path = Path(path)
         self.blocking = blocking
+        self.shared = shared
         self._file: IO[str] | None = None
 
     def acquire(self) -> FileLock:
@@ -242,16 +245,18 @@ class FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+", encoding="utf-8")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
+            mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
+            fcntl.flock(f.fileno(), mode | (0 if self.blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
             raise LockedError(f"{self.path} is locked by process {holder}") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
+        if not self.shared:  # NOTE: shared holders leave the last exclusive holder's pid in place
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
         self._file = f
         return self
 

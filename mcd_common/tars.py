@@ -21,6 +21,10 @@ them).
 
 Streaming (`iter_tar_samples`) holds one sample's bytes at a time and works on gzip'd tars too; random access
 (`index_tar` + `TarReader`) reads headers only, then seeks to the members asked for (uncompressed tars).
+
+A tar that cannot be read (0 bytes, not a tar, truncated) raises `TarFileError`, a `tarfile.ReadError` that names
+the file: tarfile's own messages ("empty file", "unexpected end of data") do not say which of a thousand shards it
+was.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import IO, TypeVar
 __all__ = [
     "IndexedSample",
     "MemberRef",
+    "TarFileError",
     "TarReader",
     "TarSample",
     "TarStats",
@@ -65,6 +70,10 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return match.group(1), match.group(2).lower()
+
+
+class TarFileError(tarfile.ReadError):
+    """A tar that cannot be read: the message starts with its path."""
 
 
 @dataclass
@@ -166,11 +175,16 @@ def iter_tar_samples(
         on_duplicate: Called with the key of every duplicate sample (see the module docstring).
     """
     own = not hasattr(source, "read")
+    name = os.fspath(source) if own else getattr(source, "name", "<stream>")
     f = open(source, "rb") if own else source  # noqa: SIM115 - closed below, after the generator finishes
     try:
         with tarfile.open(fileobj=f, mode="r|*") as tar:
             for key, members in _group(tar, _read_data, stats, on_duplicate):
                 yield TarSample(key, dict(members))
+    except (tarfile.TarError, EOFError) as exc:
+        if isinstance(exc, TarFileError):
+            raise
+        raise TarFileError(f"{name}: not a readable tar ({exc})") from exc
     finally:
         if own:
             f.close()
@@ -188,10 +202,30 @@ def index_tar(
         path: The tar file.
         stats: Collects sample, duplicate and skipped-member counts.
         on_duplicate: Called with the key of every duplicate sample.
+
+    Raises:
+        TarFileError: On a file that is empty, not an uncompressed tar, or truncated (a member ends past the end
+            of the file), naming the file.
     """
-    with tarfile.open(path, mode="r:") as tar:
-        groups = _group(tar, lambda _, info: (info.offset_data, info.size), stats, on_duplicate)
-        return [IndexedSample(key, tuple((ext, off, size) for ext, (off, size) in members)) for key, members in groups]
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            groups = _group(tar, lambda _, info: (info.offset_data, info.size), stats, on_duplicate)
+            samples = [
+                IndexedSample(key, tuple((ext, off, size) for ext, (off, size) in members)) for key, members in groups
+            ]
+            end = tar.offset  # where the header after the last member starts
+            tar.fileobj.seek(end)
+            trailer = tar.fileobj.read(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, EOFError) as exc:
+        raise TarFileError(f"{os.fspath(path)}: not a readable tar ({exc})") from exc
+    # NOTE: tarfile stops quietly when a file ends inside or right before a header, so a tar cut there would lose
+    # its last samples unnoticed: every writer (tarfile, GNU tar, webdataset) ends with zero blocks.
+    if len(trailer) < tarfile.BLOCKSIZE or trailer.strip(b"\0"):
+        raise TarFileError(
+            f"{os.fspath(path)}: truncated (no end-of-archive block after byte {end}; "
+            f"the file has {os.path.getsize(path)} bytes)"
+        )
+    return samples
 
 
 class TarReader:

@@ -43,7 +43,7 @@ from reinforced_data.shapes import (
     shapes_classes,
     write_shapes_corpus,
 )
-from reinforced_data.sources import InputShard, RawSample, iter_samples, load_captions, resolve_inputs
+from reinforced_data.sources import InputShard, InputStats, RawSample, iter_samples, load_captions, resolve_inputs
 from reinforced_data.verify import verify_dataset
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageTextDataset",
     "InputShard",
+    "InputStats",
     "RawSample",
     "Record",
     "RecordLayout",

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
+import re
+import struct
 import tarfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,14 @@ import torch
 from mcd_common.files import fsync_dir, temp_path
 from mcd_common.weights import load_torch_bytes
 
-__all__ = ["TarShardWriter", "decode_npz", "decode_pth_gz", "encode_npz"]
+__all__ = ["TarShardWriter", "decode_npz", "decode_npz_arrays", "decode_pth_gz", "encode_npz"]
+
+# The header dict numpy writes (`np.lib.format.write_array`), e.g. {'descr': '<f2', 'fortran_order': False,
+# 'shape': (10, 1536), }
+_NPY_HEADER = re.compile(
+    r"\{'descr':\s*'([^']+)',\s*'fortran_order':\s*(True|False),\s*'shape':\s*\(([0-9,\s]*)\),?\s*\}"
+)
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -46,6 +56,49 @@ def decode_npz(data: bytes) -> dict[str, np.ndarray]:
     """Load every array of an `.npz` blob, refusing pickled (object) arrays."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+def _parse_npy(raw: bytes) -> np.ndarray | None:
+    """A `.npy` blob as an array (a view of `raw`), or None when it is not the plain form numpy writes."""
+    if len(raw) < 12 or not raw.startswith(_NPY_MAGIC):
+        return None
+    if raw[6] == 1:
+        start, hlen = 10, struct.unpack("<H", raw[8:10])[0]
+    elif raw[6] in (2, 3):
+        start, hlen = 12, struct.unpack("<I", raw[8:12])[0]
+    else:
+        return None
+    match = _NPY_HEADER.match(raw[start : start + hlen].decode("latin1").strip())
+    if match is None or match.group(2) == "True":
+        return None
+    try:
+        dtype = np.dtype(match.group(1))
+    except TypeError:
+        return None
+    shape = tuple(int(x) for x in match.group(3).split(",") if x.strip())
+    count = math.prod(shape)
+    if dtype.hasobject or len(raw) - start - hlen != count * dtype.itemsize:
+        return None
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=start + hlen).reshape(shape)
+
+
+def decode_npz_arrays(data: bytes, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named arrays of an `.npz` blob (names it lacks are left out), refusing pickled (object) arrays.
+
+    What the reader's index-time checks use: numpy's header parser (`ast.literal_eval`) is most of the cost of
+    loading a small array, so the header numpy writes is matched directly (about 4x faster than `np.load`);
+    anything else (Fortran order, other header forms, a size that does not match) goes through numpy's reader.
+    """
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        entries = set(zf.namelist())
+        for name in names:
+            if f"{name}.npy" not in entries:
+                continue
+            raw = zf.read(f"{name}.npy")
+            arr = _parse_npy(raw)
+            out[name] = arr if arr is not None else np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+    return out
 
 
 def decode_pth_gz(data: bytes, name: str = "pth.gz") -> dict[str, np.ndarray]:

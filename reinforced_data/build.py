@@ -8,9 +8,16 @@ DataCompDR (Vasu et al., CVPR'24), without Ray, and fixes its batching bug (appl
 past the first batch of a shard lost their embeddings): each sample's embeddings travel with the sample.
 
 Design:
-- one rank per process (torchrun/SLURM env), each owning input shards `index % world == rank`; no coordinator:
-  a finished shard is a renamed tar plus a sidecar `_progress/<shard>.json`, and `manifest.jsonl` is rebuilt
-  idempotently from the sidecars by whichever rank finishes;
+- one rank per process (torchrun/SLURM env); no coordinator. Every input is planned first (`_plan.py`: unreadable
+  inputs, duplicate uids, input digests), then each process builds the shards it can lock, its own
+  (`index % world == rank`) first, then any other still unbuilt (`_outdir.py`: locks, identity, sidecars). A
+  finished shard is a renamed tar plus a sidecar `_progress/<shard>.json`, and `manifest.jsonl` is rebuilt
+  idempotently from the sidecars by whichever process finishes;
+- a dataset has one identity (`_identity`: inputs, split and captions files, teachers and captioners with the
+  checksums of their weights, every option that changes the bytes written); a rerun with other arguments is
+  refused with the differing keys, or rebuilds from scratch with `--overwrite`;
+- one unreadable input shard fails alone: it is named in the summary, every other shard is built, the summary says
+  `ok: false` (exit code 1), and a rerun retries only what failed;
 - decoding and augmentation replay run in DataLoader workers, one task per batch of a shard, in order;
 - teachers run batched under `torch.inference_mode()`, in bf16 autocast on CUDA (open_clip attention uses SDPA);
 - records come from a per-view generator `(seed, uid, aug index)`, so outputs do not depend on worker count.
@@ -19,11 +26,13 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,15 +46,26 @@ from tqdm.auto import tqdm
 
 import teachers
 from mcd_common.errors import UsageError
-from mcd_common.files import TMP_MARK, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from mcd_common.files import atomic_write_json, sha256_bytes, sha256_file
 from mcd_common.images import ImageDecodeError, center_view, decode_image, to_uint8_tensor
 from mcd_common.tars import TarReader
-from reinforced_data import schema
+from reinforced_data import _outdir, schema
 from reinforced_data._io import TarShardWriter, encode_npz
+from reinforced_data._outdir import rebuild_manifest, shard_name
+from reinforced_data._plan import ShardPlan, plan_inputs
 from reinforced_data.augment import AugmentCfg, record_rng, replay, sample_record
 from reinforced_data.shapes import DEFAULT_CORPUS_DIR
-from reinforced_data.sources import InputShard, SampleRef, check_caption, index_shard, read_sample, resolve_inputs
+from reinforced_data.sources import (
+    InputShard,
+    InputStats,
+    SampleRef,
+    check_caption,
+    index_shard,
+    read_sample,
+    resolve_inputs,
+)
 from reinforced_data.verify import verify_dataset
+from reinforced_data.workers import init_worker
 
 __all__ = ["BuildArgs", "build_data", "dist_env", "rebuild_manifest", "shard_name"]
 
@@ -142,11 +162,6 @@ class BuildArgs:
             raise UsageError(f"--build.max_shards must be >= 1 (or null), got {self.max_shards}")
 
 
-def shard_name(index: int) -> str:
-    """Output shard file name of input shard `index` (DataCompDR's `%08d.tar`)."""
-    return f"{index:08d}.tar"
-
-
 def dist_env() -> tuple[int, int, int]:
     """`(rank, world_size, local_rank)` from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or SLURM
     (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) variables; `(0, 1, 0)` when neither is set."""
@@ -175,6 +190,8 @@ class _Task:
     batch: int
     num_batches: int
     refs: tuple[SampleRef, ...]
+    error: str | None = None
+    """The shard cannot be built (its input changed or became unreadable after planning)."""
 
 
 @dataclass
@@ -210,6 +227,8 @@ class _Batch:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     views: dict[int, torch.Tensor] = field(default_factory=dict)
     cap_views: dict[int, torch.Tensor] = field(default_factory=dict)
+    error: str | None = None
+    """Reading the shard failed (its whole shard is then a failed input)."""
 
 
 class _ViewDataset(torch.utils.data.Dataset):
@@ -243,6 +262,15 @@ class _ViewDataset(torch.utils.data.Dataset):
         self._reader.close()
 
     def __getitem__(self, task: _Task) -> _Batch:
+        if task.error is not None:
+            return _Batch(task, error=task.error)
+        try:
+            return self._views(task)
+        except (OSError, tarfile.TarError) as exc:
+            # NOTE: an input that fails mid-read fails alone (the main side drops its partial shard).
+            return _Batch(task, error=f"{task.path}: {exc}")
+
+    def _views(self, task: _Task) -> _Batch:
         shard = InputShard(index=task.shard, name="", kind=task.kind, path=task.path)
         batch = _Batch(task)
         views: dict[int, list[torch.Tensor]] = {s: [] for s in self.view_sizes}
@@ -293,16 +321,26 @@ class _ViewDataset(torch.utils.data.Dataset):
         return _Sample(raw.uid, raw.image, caption, alt, raw.url, raw.meta, records, (img.width, img.height))
 
 
-def _identity(x: _Batch) -> _Batch:
+def _as_is(x: _Batch) -> _Batch:
     return x
 
 
-def _worker_init(_: int) -> None:
-    # Workers decode and resample with PIL; one torch thread each avoids oversubscribing the cores.
-    torch.set_num_threads(1)
-
-
 # ----------------------------------------------------------------------------------------------------- main side
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict tensor's name, dtype, shape and bytes, in name order.
+
+    What a teacher or captioner computes, wherever its weights came from (a `--teacher_weights` file, a hub cache,
+    a `local-dir:` directory, an open_clip tag): hashing the loaded tensors costs about a second per GB, once per
+    run, and also covers sources that are not one file.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, whatever the dtype (bf16 too)
+    return h.hexdigest()
 
 
 def _teach_meta(ens: teachers.TeacherEnsemble, aug: AugmentCfg) -> dict:
@@ -316,6 +354,7 @@ def _teach_meta(ens: teachers.TeacherEnsemble, aug: AugmentCfg) -> dict:
                 "arch": cfg.arch,
                 "pretrained": cfg.pretrained,
                 "weights": cfg.weights.file if cfg.weights is not None else None,
+                "weights_sha256": _weights_sha256(t),
                 "dim": int(t.embed_dim),
                 "logit_scale": float(t.logit_scale),
                 "image_size": int(t.image_size),
@@ -336,113 +375,67 @@ def _teach_meta(ens: teachers.TeacherEnsemble, aug: AugmentCfg) -> dict:
     }
 
 
-def _dr_config(
-    teach: dict,
-    aug: AugmentCfg,
-    args: BuildArgs,
-    captioners: list[teachers.Captioner],
-    shards: list[InputShard],
-    input: str | None,
-) -> dict:
+def _dr_config(teach: dict, aug: AugmentCfg, args: BuildArgs, identity: dict) -> dict:
+    """`config.json`: Apple's keys (`model_name`, `pretrained`, `num_samples`, `reinforce`) and our identity."""
     first = teach["teachers"][0]
     image_aug = aug.to_dr_config()
     # NOTE: Apple's loader deletes `normalize` and substitutes the student's; it must exist.
     image_aug["normalize"] = {"mean": first["mean"], "std": first["std"]}
-    names = "\n".join(s.name for s in shards)
     return {
         "model_name": ",".join(t["arch"] for t in teach["teachers"]),
         "pretrained": ",".join(t["pretrained"] or "N/A" for t in teach["teachers"]),
         "num_samples": args.num_augs,
         "reinforce": {"image_augmentation": image_aug},
-        "build": {
-            "schema_version": schema.SCHEMA_VERSION,
-            "teacher": teach["ensemble"],
-            "teacher_dims": {t["name"]: t["dim"] for t in teach["teachers"]},
-            "captioners": [{"name": c.name, "syn_key": c.syn_key} for c in captioners],
-            "num_syn": args.num_syn if captioners else 0,
-            "top_p": args.top_p,
-            "seed": args.seed,
-            "keep_images": args.keep_images,
-            "alt_captions": args.alt_captions,
-            "teacher_views": args.teacher_views,
-            "max_pixels": args.max_pixels,
-            "input": None if input is None else str(input),
-            "num_input_shards": len(shards),
-            "inputs_sha256": hashlib.sha256(names.encode()).hexdigest(),
-        },
+        "build": identity,
     }
 
 
-def _diff_keys(a: object, b: object, prefix: str = "") -> list[str]:
-    """Dotted paths where two JSON objects differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+def _identity(
+    teach: dict,
+    args: BuildArgs,
+    captioners: list[teachers.Captioner],
+    shards: list[InputShard],
+    input: str | None,
+    inputs: InputStats,
+    split_file: Path | None,
+    precision: str,
+) -> dict:
+    """The `build` block of `config.json`: everything besides `num_samples` / `reinforce` that changes the bytes
+    written. A rerun resumes only when it is equal (`_outdir.prepare_out`); each shard's input content is checked
+    per shard (`_plan.py` digests). Worker count, device and channels-last are left out: they change no bytes
+    beyond float rounding of the GPU kernels."""
+    folder = any(s.kind == "folder" for s in shards)
+    names = "\n".join(s.name for s in shards)
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "teacher": teach["ensemble"],
+        "teacher_dims": {t["name"]: t["dim"] for t in teach["teachers"]},
+        "teacher_weights_sha256": {t["name"]: t["weights_sha256"] for t in teach["teachers"]},
+        "captioners": [
+            {"name": c.name, "syn_key": c.syn_key, "weights_sha256": _weights_sha256(c)} for c in captioners
+        ],
+        "num_syn": args.num_syn if captioners else 0,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "keep_images": args.keep_images,
+        "alt_captions": args.alt_captions,
+        "teacher_views": args.teacher_views,
+        "max_pixels": args.max_pixels,
+        # NOTE: caption sampling is seeded per batch, and teacher forwards run per batch.
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "shard_size": args.shard_size if folder else None,
+        "input": None if input is None else str(input),
+        "num_input_shards": len(shards),
+        "inputs_sha256": hashlib.sha256(names.encode()).hexdigest(),
+        "captions_sha256": sha256_file(inputs.captions_file) if folder and inputs.captions_file else None,
+        "split_file_sha256": sha256_file(split_file) if folder and split_file is not None else None,
+    }
 
 
-def _sidecar_path(root: Path, index: int) -> Path:
-    return root / schema.PROGRESS_DIR / f"{shard_name(index)}.json"
-
-
-def _shard_done(root: Path, index: int) -> bool:
-    side = _sidecar_path(root, index)
-    tar = root / shard_name(index)
-    if not side.is_file() or not tar.is_file():
-        return False
-    try:
-        info = json.loads(side.read_text())
-    except ValueError:
-        return False
-    return int(info.get("bytes", -1)) == tar.stat().st_size
-
-
-def rebuild_manifest(root: str | os.PathLike) -> dict:
-    """Rebuild `manifest.jsonl` and `progress.json` from the per-shard sidecars (idempotent, no coordinator).
-
-    Ranks call this when they finish; a rank re-lists the sidecars after writing and rewrites until the listing
-    is stable, so the last writer always reflects every finished shard.
-
-    Returns:
-        The `progress.json` contents.
-    """
-    root = Path(root)
-    side_dir = root / schema.PROGRESS_DIR
-    config = json.loads((root / schema.CONFIG_FILE).read_text()) if (root / schema.CONFIG_FILE).is_file() else {}
-    expected = config.get("build", {}).get("num_input_shards")
-    progress: dict = {}
-    for _ in range(10):
-        names = sorted(p.name for p in side_dir.glob("*.tar.json")) if side_dir.is_dir() else []
-        lines, total, skipped = [], 0, Counter()
-        for name in names:
-            info = json.loads((side_dir / name).read_text())
-            lines.append(
-                json.dumps(
-                    {
-                        "shard": info["shard"],
-                        "num_samples": info["num_samples"],
-                        "sha256": info["sha256"],
-                        "input": info.get("input"),
-                    }
-                )
-            )
-            total += int(info["num_samples"])
-            skipped.update(info.get("skipped", {}))
-        atomic_write_bytes(root / schema.MANIFEST_FILE, "".join(line + "\n" for line in lines).encode())
-        progress = {
-            "num_input_shards": expected,
-            "shards_done": len(names),
-            "num_samples": total,
-            "skipped": dict(sorted(skipped.items())),
-            "complete": expected is not None and len(names) >= expected,
-        }
-        atomic_write_json(root / schema.PROGRESS_FILE, progress)
-        again = sorted(p.name for p in side_dir.glob("*.tar.json")) if side_dir.is_dir() else []
-        if again == names:
-            break
-    return progress
+def _precision(spec: str, device: torch.device) -> Literal["bf16", "fp32"]:
+    """`--build.precision` resolved: auto is bf16 autocast on CUDA, fp32 elsewhere."""
+    return "bf16" if spec == "bf16" or (spec == "auto" and device.type == "cuda") else "fp32"
 
 
 class _Encoder:
@@ -463,7 +456,7 @@ class _Encoder:
         self.chunk = args.batch_size
         self.args = args
         self.teach_bytes = teach_bytes
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        bf16 = _precision(args.precision, device) == "bf16"
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         )
@@ -617,13 +610,15 @@ def _sample_members(
 class _ShardOut:
     """One output shard being written: its tar, the uids it holds and what it skipped (its sidecar's content)."""
 
-    def __init__(self, out: Path, index: int, input_name: str) -> None:
-        self.out, self.index, self.input_name = out, index, input_name
-        self.path = out / shard_name(index)
+    def __init__(self, out: Path, plan: ShardPlan) -> None:
+        self.out, self.plan, self.index = out, plan, plan.shard.index
+        self.path = out / shard_name(self.index)
         self.writer = TarShardWriter(self.path)
         self.skips: Counter[str] = Counter()
         self.skipped_uids: list[list[str]] = []
         self.uids: set[str] = set()
+        for uid in plan.duplicate_uids:
+            self.skip(uid, "duplicate_uid")
 
     def skip(self, uid: str, reason: str) -> None:
         """Count a sample that is not written (every skip is counted; the first few uids are listed)."""
@@ -633,6 +628,7 @@ class _ShardOut:
 
     def add(self, uid: str, members: dict[str, bytes]) -> None:
         """Write a sample; a uid already in this shard is skipped as `duplicate_uid` (the first one stays)."""
+        # NOTE: the plan already left out every repeated uid; this guards what sanitising keys could still merge.
         if uid in self.uids:
             self.skip(uid, "duplicate_uid")
             return
@@ -644,7 +640,8 @@ class _ShardOut:
         self.writer.close()
         sidecar = {
             "shard": shard_name(self.index),
-            "input": self.input_name,
+            "input": self.plan.shard.name,
+            "input_digest": self.plan.digest,
             "num_samples": self.writer.count,
             "sha256": sha256_file(self.path),
             "bytes": self.path.stat().st_size,
@@ -653,7 +650,8 @@ class _ShardOut:
             "rank": rank,
             "batch_size": batch_size,
         }
-        atomic_write_json(_sidecar_path(self.out, self.index), sidecar)
+        atomic_write_json(_outdir.sidecar_path(self.out, self.index), sidecar)
+        _outdir.clear_failure(self.out, self.index)
         return self.writer.count, self.skips
 
     def abort(self) -> None:
@@ -663,11 +661,21 @@ class _ShardOut:
 
 @dataclass
 class _Totals:
-    """What this rank wrote in this run."""
+    """What this process did in this run."""
 
     written: int = 0
     shards_done: int = 0
+    finished_elsewhere: int = 0
+    """Shards another process finished between this one's planning and its turn."""
     skipped: Counter[str] = field(default_factory=Counter)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    """`{shard, input, error}` of every input that could not be read."""
+
+    def fail(self, out: Path, plan: ShardPlan, error: str, rank: int) -> None:
+        """Count a failed input and leave its `_progress/<shard>.failed.json` (call holding the shard's lock)."""
+        _logger.error("input shard %d (%s) failed, not built: %s", plan.shard.index, plan.shard.name, error)
+        _outdir.record_failure(out, plan.shard.index, plan.shard.name, error, rank)
+        self.failed.append({"shard": shard_name(plan.shard.index), "input": plan.shard.name, "error": error})
 
 
 def build_data(
@@ -681,12 +689,15 @@ def build_data(
     verify: Path | None = None,
     teacher_weights: Path | None = None,
     captioner_weights: Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Build a reinforced dataset (DataCompDR layout), or check one with `--verify DIR`.
 
     Resumable: finished shards are kept, partial ones (a killed run) are rebuilt from scratch with the same
-    records, so a restarted run gives the dataset an uninterrupted one would. Under torchrun or SLURM every rank
-    processes its own input shards.
+    records, so a restarted run gives the dataset an uninterrupted one would. A rerun with other arguments (or
+    other teacher/captioner weights) is refused, naming what differs. Under torchrun or SLURM, and for several
+    processes on one `--out`, each process builds the shards it can lock. An unreadable input shard fails alone
+    (the summary's `ok` is false, exit code 1); a rerun retries it.
 
     Args:
         out: Output dataset directory.
@@ -703,10 +714,12 @@ def build_data(
         verify: Check an existing dataset directory instead of building (exits non-zero on any problem).
         teacher_weights: Local weights file for a registered (hub) teacher, e.g. a downloaded open_clip checkpoint.
         captioner_weights: Local weights file or directory for a registered (hub) captioner.
+        overwrite: Delete the dataset already in `--out` (its shards, sidecars and root files; nothing else) and
+            build from scratch, instead of refusing one built with other arguments.
 
     Returns:
-        A summary: counts (written, skipped by reason, shards done/resumed), images/s, wall time; with --verify,
-        the verification report.
+        A summary: `ok`, counts (written, skipped by reason, shards done/resumed/busy/failed, failed inputs,
+        captions-file rows not used), images/s, wall time; with --verify, the verification report.
     """
     if verify is not None:
         report = verify_dataset(verify)
@@ -719,7 +732,11 @@ def build_data(
         raise UsageError("--out is required to build a dataset (or pass --verify DIR)")
     if teacher is None:
         raise UsageError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
-    return _build(Path(out), input, captions, split_file, teacher, captioner, build, teacher_weights, captioner_weights)
+    out = Path(out).expanduser()
+    _outdir.check_out_dir(out)  # before any input is generated or any model loaded
+    return _build(
+        out, input, captions, split_file, teacher, captioner, build, teacher_weights, captioner_weights, overwrite
+    )
 
 
 def _build(
@@ -732,44 +749,61 @@ def _build(
     args: BuildArgs,
     teacher_weights: Path | None = None,
     captioner_weights: Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Set up (inputs, models, output root), write this rank's unfinished shards, rebuild the manifest."""
+    """Set up (inputs, plan, models, identity), write the shards this process can lock, rebuild the manifest."""
     t_start = time.perf_counter()
     rank, world, local_rank = dist_env()
     device = _resolve_device(args.device, local_rank)
+    inputs = InputStats()
     shards = resolve_inputs(
-        input, captions=captions, split_file=split_file, shard_size=args.shard_size, corpus_dir=args.corpus_dir
+        input,
+        captions=captions,
+        split_file=split_file,
+        shard_size=args.shard_size,
+        corpus_dir=args.corpus_dir,
+        stats=inputs,
     )
     if args.max_shards is not None:
         shards = shards[: args.max_shards]
+    _outdir.check_inputs_outside(out, [s.path for s in shards if s.kind == "tar"])
+    plans = plan_inputs(shards)
     ens, caps = _load_models(teacher_name, captioner_names, args, device, teacher_weights, captioner_weights)
     aug = _augment_cfg(args, ens)
     teach = _teach_meta(ens, aug)
-    _prepare_out(out, _dr_config(teach, aug, args, caps, shards, input), teach)
-
-    owned = [s for s in shards if s.index % world == rank]
-    todo = [s for s in owned if not _shard_done(out, s.index)]
-    _cleanup_tmp(out, {shard_name(s.index) for s in todo})
-    _logger.info(
-        "build-data rank %d/%d on %s: %d input shards, %d owned, %d already done, teachers %s (dims %s), "
-        "%d augs, captioners %s",
-        rank,
-        world,
-        device,
-        len(shards),
-        len(owned),
-        len(owned) - len(todo),
-        ens.names,
-        ens.embed_dims,
-        args.num_augs,
-        [c.name for c in caps],
-    )
-    t_loop = time.perf_counter()
-    totals = _write_shards(out, todo, _Encoder(ens, caps, device, args, _compact_json(teach)), aug, rank)
-    loop_time = time.perf_counter() - t_loop
-    progress = rebuild_manifest(out)
+    identity = _identity(teach, args, caps, shards, input, inputs, split_file, _precision(args.precision, device))
+    run_lock = _outdir.open_run(out, overwrite)
+    claims = _outdir.Claims(out)
+    totals = _Totals()
+    try:
+        _outdir.prepare_out(out, _dr_config(teach, aug, args, identity), teach)
+        todo, resumed = _work_order(out, plans, rank, world, claims, totals)
+        _logger.info(
+            "build-data rank %d/%d on %s: %d input shards, %d to build, %d already done, %d unreadable, "
+            "teachers %s (dims %s), %d augs, captioners %s",
+            rank,
+            world,
+            device,
+            len(shards),
+            len(todo),
+            resumed,
+            len(totals.failed),
+            ens.names,
+            ens.embed_dims,
+            args.num_augs,
+            [c.name for c in caps],
+        )
+        t_loop = time.perf_counter()
+        encoder = _Encoder(ens, caps, device, args, _compact_json(teach))
+        _write_shards(out, todo, encoder, aug, rank, claims, totals)
+        loop_time = time.perf_counter() - t_loop
+        progress = rebuild_manifest(out)
+    finally:
+        claims.release_all()
+        run_lock.release()
     processed = totals.written + sum(totals.skipped.values())
     summary = {
+        "ok": not totals.failed,
         "out": str(out),
         "rank": rank,
         "world_size": world,
@@ -777,9 +811,12 @@ def _build(
         "teachers": ens.names,
         "written": totals.written,
         "skipped": dict(sorted(totals.skipped.items())),
+        "caption_rows_skipped": dict(sorted(inputs.rows_skipped.items())),
         "shards_done": totals.shards_done,
-        "shards_resumed": len(owned) - len(todo),
-        "shards_owned": len(owned),
+        "shards_resumed": resumed + totals.finished_elsewhere,
+        "shards_busy": len(claims.busy),
+        "shards_failed": len(totals.failed),
+        "failed_inputs": totals.failed,
         "shards_total": len(shards),
         "views_per_image": args.num_augs,
         "images_per_s": round(processed / loop_time, 2) if processed else None,
@@ -788,8 +825,43 @@ def _build(
         "dataset_complete": progress.get("complete", False),
         "dataset_samples": progress.get("num_samples"),
     }
+    if totals.failed:
+        _logger.error(
+            "build-data: %d input shard(s) could not be read and were not built (e.g. %s); every other shard was. "
+            "Fix or replace them and rerun: only what failed is retried",
+            len(totals.failed),
+            totals.failed[0]["error"],
+        )
     _logger.info("build-data summary: %s", summary)
     return summary
+
+
+def _work_order(
+    out: Path, plans: list[ShardPlan], rank: int, world: int, claims: _outdir.Claims, totals: _Totals
+) -> tuple[list[ShardPlan], int]:
+    """Shards to build, this rank's own first (`index % world == rank`), then any other unbuilt one; unreadable
+    inputs are recorded as failed. Returns `(to build, already done)`."""
+    todo, done = [], 0
+    for plan in plans:
+        index = plan.shard.index
+        if plan.error is not None:
+            if _outdir.read_sidecar(out, index) is not None and (out / shard_name(index)).is_file():
+                # The input is unreadable now, but its shard was built from it before: keep it.
+                _logger.warning(
+                    "input shard %d (%s) is unreadable now; its finished shard is kept", index, plan.shard.name
+                )
+                done += 1
+            elif claims.claim(index):
+                totals.fail(out, plan, plan.error, rank)
+                claims.release(index)
+            else:
+                totals.failed.append({"shard": shard_name(index), "input": plan.shard.name, "error": plan.error})
+        elif _outdir.shard_done(out, index, plan.digest):
+            done += 1
+        else:
+            todo.append(plan)
+    todo.sort(key=lambda p: (p.shard.index % world != rank, p.shard.index))
+    return todo, done
 
 
 def _compact_json(obj: dict) -> bytes:
@@ -839,26 +911,17 @@ def _augment_cfg(args: BuildArgs, ens: teachers.TeacherEnsemble) -> AugmentCfg:
     )
 
 
-def _prepare_out(out: Path, config: dict, teach: dict) -> None:
-    """Create the output root; refuse one built with other arguments, else write `config.json` / `teach.json`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / schema.PROGRESS_DIR).mkdir(exist_ok=True)
-    cfg_path = out / schema.CONFIG_FILE
-    if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
-        diff = _diff_keys(old, json.loads(json.dumps(config)))
-        if diff:
-            raise UsageError(
-                f"--out {str(out)!r} holds a dataset built with other arguments (differs in: {', '.join(diff)}); "
-                "use a new --out directory or delete this one"
-            )
-    else:
-        atomic_write_json(cfg_path, config)
-    atomic_write_json(out / schema.TEACH_FILE, teach)
-
-
-def _write_shards(out: Path, todo: list[InputShard], encoder: _Encoder, aug: AugmentCfg, rank: int) -> _Totals:
-    """Encode and write every shard of `todo` (workers decode and replay, this process runs the models)."""
+def _write_shards(
+    out: Path,
+    todo: list[ShardPlan],
+    encoder: _Encoder,
+    aug: AugmentCfg,
+    rank: int,
+    claims: _outdir.Claims,
+    totals: _Totals,
+) -> None:
+    """Encode and write every shard of `todo` this process can lock (workers decode and replay, this process runs
+    the models); a shard whose input fails while it is read is dropped and recorded as failed."""
     args = encoder.args
     if args.teacher_views == "resize":
         view_sizes: tuple[int, ...] = (aug.crop_size,)
@@ -870,22 +933,33 @@ def _write_shards(out: Path, todo: list[InputShard], encoder: _Encoder, aug: Aug
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
-        sampler=_tasks(todo, args.batch_size, bar),  # type: ignore[arg-type]  # any iterable of indices works
+        sampler=_tasks(out, todo, claims, totals, args.batch_size, bar),  # type: ignore[arg-type]  # any iterable
         num_workers=args.num_workers,
-        collate_fn=_identity,
+        collate_fn=_as_is,
         pin_memory=encoder.device.type == "cuda",
-        worker_init_fn=_worker_init if args.num_workers > 0 else None,
+        # NOTE: workers get SIGKILL when this process dies (a kill -9 leaves no worker behind, workers.py).
+        worker_init_fn=functools.partial(init_worker, os.getpid()) if args.num_workers > 0 else None,
         prefetch_factor=2 if args.num_workers > 0 else None,
     )
-    input_names = {s.index: s.name for s in todo}
-    totals = _Totals()
+    plans = {p.shard.index: p for p in todo}
+    failed: set[int] = set()
     shard: _ShardOut | None = None
     try:
         with torch.inference_mode():
             for batch in loader:
                 task = batch.task
+                if task.shard in failed:
+                    continue  # batches of a shard that already failed
+                if batch.error is not None:
+                    if shard is not None:
+                        shard.abort()
+                        shard = None
+                    totals.fail(out, plans[task.shard], batch.error, rank)
+                    failed.add(task.shard)
+                    claims.release(task.shard)
+                    continue
                 if shard is None:
-                    shard = _ShardOut(out, task.shard, input_names[task.shard])
+                    shard = _ShardOut(out, plans[task.shard])
                 for uid, reason in batch.skipped:
                     shard.skip(uid, reason)
                 if batch.samples:
@@ -895,6 +969,7 @@ def _write_shards(out: Path, todo: list[InputShard], encoder: _Encoder, aug: Aug
                 _logger.debug("shard %d: wrote batch %d/%d", task.shard, task.batch + 1, task.num_batches)
                 if task.batch == task.num_batches - 1:
                     written, skips = shard.finish(rank, args.batch_size)
+                    claims.release(task.shard)
                     totals.written += written
                     totals.shards_done += 1
                     totals.skipped.update(skips)
@@ -904,17 +979,37 @@ def _write_shards(out: Path, todo: list[InputShard], encoder: _Encoder, aug: Aug
             shard.abort()
         bar.close()
         dataset.close()
-    return totals
 
 
-def _tasks(shards: list[InputShard], batch_size: int, bar: tqdm) -> Iterator[_Task]:
-    """Batches of each shard in order; shards are indexed lazily (headers only) as the loader asks for work."""
+def _tasks(
+    out: Path, todo: list[ShardPlan], claims: _outdir.Claims, totals: _Totals, batch_size: int, bar: tqdm
+) -> Iterator[_Task]:
+    """Batches of each shard this process can lock, in order; shards are indexed lazily (headers only) as the
+    loader asks for work, so a shard another process is writing (locked) or has finished meanwhile is skipped."""
     seen = 0
-    for n, shard in enumerate(shards):
-        refs = index_shard(shard)
+    for n, plan in enumerate(todo):
+        shard = plan.shard
+        if not claims.claim(shard.index):
+            _logger.info("shard %d is being written by another process; skipped", shard.index)
+            continue
+        if _outdir.shard_done(out, shard.index, plan.digest):
+            claims.release(shard.index)
+            totals.finished_elsewhere += 1
+            continue
+        try:
+            refs = index_shard(shard)
+            error = None
+            if len(refs) != plan.num_refs:
+                error = f"{shard.name}: changed while this run was building ({plan.num_refs} -> {len(refs)} samples)"
+        except (OSError, tarfile.TarError) as exc:
+            refs, error = [], str(exc)
+        if error is not None:
+            yield _Task(shard.index, shard.kind, shard.path, 0, 1, (), error)
+            continue
+        refs = plan.keep(refs)
         seen += len(refs)
         # ETA: extrapolate the average shard size to the shards not indexed yet.
-        bar.total = seen + math.ceil(seen / (n + 1) * (len(shards) - n - 1))
+        bar.total = seen + math.ceil(seen / (n + 1) * (len(todo) - n - 1))
         bar.refresh()
         num_batches = max(1, math.ceil(len(refs) / batch_size))
         for b in range(num_batches):
@@ -925,16 +1020,3 @@ def _tasks(shards: list[InputShard], batch_size: int, bar: tqdm) -> Iterator[_Ta
 def _progress_bar(enabled: bool, rank: int) -> tqdm:
     # NOTE: mininterval keeps non-interactive logs (SLURM) from filling up with bar redraws.
     return tqdm(total=0, unit="img", desc=f"build-data[{rank}]", disable=not enabled, dynamic_ncols=True, mininterval=2)
-
-
-def _cleanup_tmp(root: Path, names: set[str]) -> None:
-    """Delete partial shards (`<name>.tmp-<pid>`) left by a killed run, for the shards this rank will rebuild.
-
-    Only this rank's own shards: a temp of another rank may belong to a live writer on another node, whose pid
-    means nothing here (so `mcd_common.files.remove_stale_temps` is not used).
-    """
-    for path in root.iterdir():
-        base, sep, _ = path.name.partition(TMP_MARK)
-        if sep and base in names:
-            _logger.info("removing partial shard %s from an interrupted run", path.name)
-            path.unlink(missing_ok=True)

@@ -8,10 +8,19 @@ real caption and one synthetic caption, and returns the matching stored teacher 
 `image_text_sample` does the same for plain image-caption data, sampling the augmentation on the fly. The keys are
 those of docs/DESIGN.md "Training samples".
 
-`ReinforcedDataset` / `ImageTextDataset` are map-style datasets over every sample of a list of shards (tar member
-offsets from `mcd_common.tars`, folder items). An item is addressed by `(index, epoch)`: the epoch reaches the
+`ReinforcedDataset` / `ImageTextDataset` are map-style datasets over the usable samples of a list of shards (tar
+member offsets from `mcd_common.tars`, folder items). An item is addressed by `(index, epoch)`: the epoch reaches the
 sample explicitly, and every random choice derives from `(seed, epoch, sample)`, so what a sample becomes depends
 on neither the worker count nor the order samples are read in (exact resume: `distill/data.py`).
+
+Bad samples are left out of the index, counted by reason (`stats()`), and never served: a key seen earlier (the
+first one is kept, the rule of build-data and `--verify`), and whatever the index-time checks find. For reinforced
+data those read only the small members (`paug.json`, `txt`, the embedding arrays; never the image): missing members,
+records that do not decode, an empty caption, empty, unreadable, non-finite or wrong-width arrays (Apple's
+generator wrote empty arrays for every sample past the first batch of a shard, apple/ml-mobileclip-dr#3). Because
+the index holds only usable samples, the sampler's stream, and so a resumed run, is the same on every run. An
+image that still fails to decode when a sample is loaded (images are not decoded at index time: that would cost an
+epoch) is replaced by the next sample, counted in `stats()["replaced_at_load"]` and logged.
 """
 
 from __future__ import annotations
@@ -20,7 +29,11 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import re
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,9 +45,9 @@ from torch.utils.data import Dataset
 
 from mcd_common.errors import UsageError
 from mcd_common.images import center_view, decode_image, to_uint8_tensor
-from mcd_common.tars import TarReader
+from mcd_common.tars import TarFileError, TarReader
 from reinforced_data import schema
-from reinforced_data._io import decode_npz, decode_pth_gz
+from reinforced_data._io import decode_npz, decode_npz_arrays, decode_pth_gz
 from reinforced_data.augment import (
     DATACOMPDR_LAYOUT,
     AugmentCfg,
@@ -44,7 +57,16 @@ from reinforced_data.augment import (
     replay,
     sample_record,
 )
-from reinforced_data.sources import InputShard, RawSample, SampleRef, check_caption, index_shard, read_sample
+from reinforced_data.sources import (
+    InputShard,
+    RawSample,
+    SampleRef,
+    check_caption,
+    index_shard,
+    raw_from_members,
+    read_sample,
+    safe_relpath,
+)
 
 __all__ = [
     "ImageTextDataset",
@@ -52,12 +74,17 @@ __all__ = [
     "ReinforcedDataset",
     "ReinforcedOptions",
     "Tokenize",
+    "check_reinforced_members",
     "collate",
+    "stored_width",
     "image_text_sample",
     "reinforced_sample",
 ]
 
 _logger = logging.getLogger(__name__)
+
+_MAX_EXAMPLES = 20  # skipped samples named in `stats()`; the counts are always complete
+_BAD_ARRAYS = (ValueError, OSError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile)  # what broken npz raise
 
 Tokenize = Callable[[list[str]], torch.Tensor]
 """A student tokenizer: `list[str] -> LongTensor [N, L]`."""
@@ -153,6 +180,76 @@ def _is_v1(arrays: Mapping[str, np.ndarray]) -> bool:
         k.endswith(schema.EMB_SUFFIX) and k.startswith((schema.SYN_KEY, schema.ALT_KEY)) for k in arrays
     )
     return not has_syn_arrays and arrays[schema.TEXT_EMB].shape[0] > 1
+
+
+def check_reinforced_members(members: Mapping[str, bytes], opts: ReinforcedOptions, where: str) -> str | None:
+    """Why a stored sample cannot be trained on, or None: the index-time check of its small members.
+
+    Args:
+        members: At least `paug.json`, `txt` and `npz` | `pth.gz` (and `teach.json` when the sample has one); the
+            image is not needed.
+        opts: Reading options (teacher widths for shards without `teach.json`, `trust_pickle`, record layout).
+        where: Names the sample in messages.
+
+    Returns:
+        `bad_paug`, `no_records`, `bad_caption`, `empty_caption`, `unreadable_embeddings`, `empty_embeddings`,
+        `wrong_width`, `nonfinite_embeddings`, or None for a usable sample.
+
+    Raises:
+        ReinforcedDataError: When the dataset cannot be read as asked (pickle not allowed, teacher widths unknown,
+            a schema newer than this code): an error, not a skipped sample.
+    """
+    try:
+        records = decode_param_aug(members[schema.KEY_PAUG])
+        if records:
+            # NOTE: the first record only: a layout mismatch shows there; decoding all K costs ~35 us each.
+            decode_record(records[0], opts.record_layout)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return "bad_paug"
+    if not records:
+        return "no_records"
+    try:
+        caption = members[schema.KEY_TXT].decode("utf-8").strip()
+    except (UnicodeDecodeError, KeyError):
+        return "bad_caption"
+    if not caption:
+        return "empty_caption"
+    slices = _slices(members, opts, where)
+    try:
+        if schema.KEY_NPZ in members:
+            arrays = decode_npz_arrays(members[schema.KEY_NPZ], (schema.IMAGE_EMB, schema.TEXT_EMB))
+        else:
+            arrays = _embeddings(members, opts, where)
+    except ReinforcedDataError:
+        raise
+    except _BAD_ARRAYS:
+        return "unreadable_embeddings"
+    width = max(s.stop for s in slices.values())
+    for name in (schema.IMAGE_EMB, schema.TEXT_EMB):
+        arr = arrays.get(name)
+        if arr is None or arr.ndim != 2 or 0 in arr.shape:
+            return "empty_embeddings"
+        if arr.shape[1] != width:
+            return "wrong_width"
+        if not np.isfinite(arr).all():
+            return "nonfinite_embeddings"
+    return None
+
+
+def stored_width(members: Mapping[str, bytes], trust_pickle: bool = False) -> int | None:
+    """The width of a stored sample's `image_emb` rows, or None when it has no readable, non-empty array (a
+    `pth.gz` member counts only with `trust_pickle`)."""
+    try:
+        if schema.KEY_NPZ in members:
+            arrays = decode_npz(members[schema.KEY_NPZ])
+        elif schema.KEY_PTH in members and trust_pickle:
+            arrays = decode_pth_gz(members[schema.KEY_PTH])
+        else:
+            return None
+    except _BAD_ARRAYS:
+        return None
+    arr = arrays.get(schema.IMAGE_EMB)
+    return None if arr is None or arr.ndim != 2 or 0 in arr.shape else int(arr.shape[1])
 
 
 def _caption_keys(syn: Mapping[str, object], opts: ReinforcedOptions) -> list[str]:
@@ -351,21 +448,82 @@ def _stable_int(*parts: object) -> int:
 
 
 class _ShardDataset(Dataset):
-    """Every sample of a list of shards, addressed by `(index, epoch)`; subclasses build the training dict."""
+    """The usable samples of a list of shards, addressed by `(index, epoch)`; subclasses build the training dict.
+
+    Indexing reads tar headers, leaves out a key seen earlier (the first one is kept) and every sample `check`
+    rejects, and counts them by reason (module docstring).
+
+    Raises:
+        UsageError: When a shard cannot be read, or no sample is usable.
+    """
 
     def __init__(self, shards: Sequence[InputShard], seed: int) -> None:
         self.shards = list(shards)
-        self.refs: list[tuple[int, SampleRef]] = [(k, r) for k, s in enumerate(self.shards) for r in index_shard(s)]
         self.seed = seed
         self._reader = TarReader()
+        self.num_indexed = 0
+        self.skipped: Counter[str] = Counter()
+        """Samples left out of the index, by reason."""
+        self.skipped_examples: list[str] = []
+        self.refs: list[tuple[int, SampleRef]] = []
+        seen: set[str] = set()
+        for k, shard in enumerate(self.shards):
+            try:
+                refs = index_shard(shard)
+            except (TarFileError, OSError) as exc:
+                raise UsageError(
+                    f"--data.path: shard {shard.name} cannot be read ({exc}); replace it or leave it out"
+                ) from None
+            for ref in refs:
+                self.num_indexed += 1
+                # NOTE: folder items are unique image paths; tar keys can repeat (in one tar or across tars).
+                reason = "duplicate_uid" if ref.item is None and ref.key in seen else self.check(shard, ref)
+                seen.add(ref.key)
+                if reason is None:
+                    self.refs.append((k, ref))
+                    continue
+                self.skipped[reason] += 1
+                if len(self.skipped_examples) < _MAX_EXAMPLES:
+                    self.skipped_examples.append(f"{shard.name}:{ref.key}: {reason}")
+        self._replaced = multiprocessing.Value("q", 0)  # NOTE: shared memory, so worker processes count too
+        if self.skipped:
+            _logger.warning(
+                "%d of %d samples are not usable and were left out %s, e.g. %s",
+                sum(self.skipped.values()),
+                self.num_indexed,
+                dict(sorted(self.skipped.items())),
+                self.skipped_examples[0],
+            )
+        if not self.refs:
+            raise UsageError(
+                f"--data.path: none of the {self.num_indexed} samples of {len(self.shards)} shard(s) is usable "
+                f"({dict(sorted(self.skipped.items()))}, e.g. {self.skipped_examples[:1]}); check it with "
+                "`distill build-data --verify DIR`"
+            )
 
     def __len__(self) -> int:
         return len(self.refs)
 
+    def check(self, shard: InputShard, ref: SampleRef) -> str | None:
+        """Why sample `ref` of `shard` cannot be used (a skip reason), or None. Cheap: no image is decoded."""
+        return None
+
+    def stats(self) -> dict:
+        """What indexing and loading found: `samples_indexed`, `samples_usable`, `skipped` (by reason),
+        `skipped_examples` (the first few), `replaced_at_load` (images that failed to decode when loaded)."""
+        return {
+            "samples_indexed": self.num_indexed,
+            "samples_usable": len(self.refs),
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_examples": list(self.skipped_examples),
+            "replaced_at_load": int(self._replaced.value),
+        }
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
-        # NOTE: a corrupt sample is replaced by the next one (deterministically), never a crash; a dataset that
-        # cannot be read as asked (ReinforcedDataError) is an error.
+        # NOTE: every sample passed the index-time checks; what still fails here is an image that does not decode.
+        # It is replaced by the next sample (deterministically) and counted; a dataset that cannot be read as
+        # asked (ReinforcedDataError) is an error.
         for attempt in range(len(self.refs)):
             i = (index + attempt) % len(self.refs)
             try:
@@ -373,7 +531,11 @@ class _ShardDataset(Dataset):
             except ReinforcedDataError:
                 raise
             except (OSError, ValueError, KeyError) as err:
-                _logger.warning("skipping sample %s: %s", self.refs[i][1].key, err)
+                with self._replaced.get_lock():
+                    self._replaced.value += 1
+                _logger.warning(
+                    "sample %s could not be loaded (%s); the next sample is served instead", self.refs[i][1].key, err
+                )
         raise RuntimeError("no readable sample in the dataset")
 
     def load(self, i: int, epoch: int) -> dict:
@@ -394,9 +556,28 @@ class ReinforcedDataset(_ShardDataset):
     """
 
     def __init__(self, shards: Sequence[InputShard], opts: ReinforcedOptions, tokenize: Tokenize, seed: int) -> None:
-        super().__init__(shards, seed)
         self.opts, self.tokenize = opts, tokenize
         self._keys: dict[str | int, int] | None = None
+        super().__init__(shards, seed)
+
+    def check(self, shard: InputShard, ref: SampleRef) -> str | None:
+        """Members present and not empty (from the tar index), then `check_reinforced_members` on the small ones."""
+        sizes = {ext: size for ext, _, size in ref.members}
+        image = next((k for k in schema.IMAGE_KEYS if k in sizes), None)
+        emb = schema.KEY_NPZ if schema.KEY_NPZ in sizes else (schema.KEY_PTH if schema.KEY_PTH in sizes else None)
+        if image is None:
+            return "no_image"
+        if schema.KEY_PAUG not in sizes:
+            return "no_paug"
+        if schema.KEY_TXT not in sizes:
+            return "no_caption"
+        if emb is None:
+            return "no_embeddings"
+        if 0 in (sizes[image], sizes[schema.KEY_PAUG], sizes[emb]):
+            return "empty_member"
+        exts = (schema.KEY_PAUG, schema.KEY_TXT, emb, schema.KEY_TEACH)
+        members = self._reader.read_sample(shard.path, ref.indexed, exts=exts)
+        return check_reinforced_members(members, self.opts, f"{shard.path}:{ref.key}")
 
     def load(self, i: int, epoch: int) -> dict:
         shard_idx, ref = self.refs[i]
@@ -447,8 +628,25 @@ class ImageTextDataset(_ShardDataset):
         augment: AugmentCfg | None,
         seed: int,
     ) -> None:
-        super().__init__(shards, seed)
         self.tokenize, self.image_size, self.interpolation, self.augment = tokenize, image_size, interpolation, augment
+        super().__init__(shards, seed)
+
+    def check(self, shard: InputShard, ref: SampleRef) -> str | None:
+        """An image member or file, and a usable caption (`check_caption`; tars: the `txt` / `json` members)."""
+        if ref.item is not None:
+            if not safe_relpath(ref.item.image):
+                return "unsafe_path"
+            if not os.path.isfile(os.path.join(shard.path, ref.item.image)):
+                return "missing_image"
+            captions: list[str | bytes | None] = list(ref.item.captions)
+        else:
+            exts = {ext for ext, _, _ in ref.members}
+            if not any(k in exts for k in schema.IMAGE_KEYS):
+                return "no_image"
+            raw = raw_from_members(ref.key, self._reader.read_sample(shard.path, ref.indexed, exts=("txt", "json")))
+            captions = [*raw.captions, raw.caption] if raw.captions else [raw.caption]
+        reasons = [check_caption(c).skip_reason for c in captions]
+        return None if None in reasons else reasons[0]
 
     def load(self, i: int, epoch: int) -> dict:
         shard_idx, ref = self.refs[i]

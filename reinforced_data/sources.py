@@ -8,7 +8,9 @@ Three input kinds (docs/DESIGN.md, reinforced_data):
 - an image folder plus a captions file: CSV with an `image,caption` header (several rows per image allowed) or
   JSONL (`{"image": ..., "caption": str | [str]}`), optionally restricted by a split file listing image names.
   A directory holding `images/` and `captions.csv` (flickr8k's layout) is recognised as such. Images are sorted by
-  name and cut into virtual shards of `shard_size` images;
+  name and cut into virtual shards of `shard_size` images. Rows that cannot be used are counted by reason in
+  `InputStats.rows_skipped`, never dropped silently: a row without a caption, an image path that is absolute or
+  leaves the image folder (`..`), a JSONL line that is not an object; a UTF-8 byte-order mark is accepted;
 - the embedded shapes corpus (`shapes.py`), the default when no input is given.
 
 Tar members are grouped into samples by `mcd_common.tars` (webdataset's rule; duplicate keys are reported there,
@@ -24,9 +26,10 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, NamedTuple
 
 import braceexpand
@@ -39,6 +42,7 @@ from reinforced_data.shapes import DEFAULT_CORPUS_DIR, ensure_shapes_corpus
 __all__ = [
     "CheckedCaption",
     "InputShard",
+    "InputStats",
     "RawSample",
     "SampleRef",
     "check_caption",
@@ -46,6 +50,7 @@ __all__ = [
     "iter_samples",
     "load_captions",
     "manifest_shards",
+    "raw_from_members",
     "read_sample",
     "resolve_inputs",
 ]
@@ -56,6 +61,7 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".t
 _IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "image_path", "path", "img")
 _CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "sentence", "raw")
 _UID_BAD = re.compile(r"[^A-Za-z0-9_\-/]+")
+_MAX_EXAMPLES = 20  # skipped rows listed in InputStats; the counts are always complete
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,26 @@ class FolderItem:
 
     image: str
     captions: tuple[str, ...]
+
+
+@dataclass
+class InputStats:
+    """What resolving an input found besides samples (pass one to `resolve_inputs` / `load_captions` to collect it)."""
+
+    rows_skipped: Counter[str] = field(default_factory=Counter)
+    """Captions-file rows not used, by reason: `no_caption` (no or blank caption), `no_image_name`,
+    `unsafe_path` (absolute, or leaving the image folder with `..`), `not_json` (a JSONL line that is not an
+    object), `short_row` (a CSV row that ends before its image column)."""
+    examples: list[str] = field(default_factory=list)
+    """`file:line: reason` of the first skipped rows."""
+    captions_file: str | None = None
+    """The captions file an image folder was read with (found next to it when not given)."""
+
+    def skip(self, where: str, reason: str) -> None:
+        """Count one unused row."""
+        self.rows_skipped[reason] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{where}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +165,13 @@ def check_caption(caption: str | bytes | None) -> CheckedCaption:
     return CheckedCaption(None, text)
 
 
+def safe_relpath(name: str) -> bool:
+    """True when `name` is a relative path that stays inside its folder (no leading `/` or `~`, no `..` part)."""
+    if not name or os.path.isabs(name) or name.startswith("~"):
+        return False
+    return ".." not in PurePosixPath(name.replace("\\", "/")).parts
+
+
 def sanitize_uid(key: str) -> str:
     """A webdataset-safe key: no dots (webdataset splits keys at the first dot), only `[A-Za-z0-9_-/]`."""
     uid = _UID_BAD.sub("_", key).strip("/")
@@ -206,6 +239,7 @@ def resolve_inputs(
     shard_size: int = 1000,
     corpus_dir: str | os.PathLike = DEFAULT_CORPUS_DIR,
     corpus_split: str = "train",
+    stats: InputStats | None = None,
 ) -> list[InputShard]:
     """Resolve an input spec into ordered input shards.
 
@@ -219,6 +253,7 @@ def resolve_inputs(
         corpus_dir: Where the embedded corpus lives when `input` is None (generated with the default config unless
             a complete corpus is already there).
         corpus_split: Corpus split to use ("train" or "val").
+        stats: Collects the captions-file rows that were not used (image folders; see `InputStats`).
 
     Raises:
         UsageError: When the spec matches nothing, or on an inconsistent spec (e.g. a folder without captions).
@@ -244,7 +279,7 @@ def resolve_inputs(
         if tars and captions is None:
             paths = tars
         else:
-            return _folder_shards(folder, captions, split_file, shard_size)
+            return _folder_shards(folder, captions, split_file, shard_size, stats)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UsageError(f"--input: {len(missing)} shard(s) not found, e.g. {missing[0]!r}")
@@ -254,7 +289,11 @@ def resolve_inputs(
 
 
 def _folder_shards(
-    folder: Path, captions: str | os.PathLike | None, split_file: str | os.PathLike | None, shard_size: int
+    folder: Path,
+    captions: str | os.PathLike | None,
+    split_file: str | os.PathLike | None,
+    shard_size: int,
+    stats: InputStats | None,
 ) -> list[InputShard]:
     image_dir = folder
     if captions is None:
@@ -269,9 +308,21 @@ def _folder_shards(
             )
     if (folder / "images").is_dir() and not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir()):
         image_dir = folder / "images"
-    table = load_captions(captions)
+    stats = stats if stats is not None else InputStats()
+    stats.captions_file = str(captions)
+    table = load_captions(captions, stats)
+    if stats.rows_skipped:
+        _logger.warning(
+            "captions file %s: %d row(s) not used %s, e.g. %s",
+            captions,
+            sum(stats.rows_skipped.values()),
+            dict(stats.rows_skipped),
+            stats.examples[0],
+        )
     if split_file is not None:
-        keep = {line.strip() for line in Path(split_file).read_text().splitlines() if line.strip()}
+        if not Path(split_file).is_file():
+            raise UsageError(f"--split_file {str(split_file)!r}: no such file")
+        keep = {line.strip() for line in Path(split_file).read_text(encoding="utf-8-sig").splitlines() if line.strip()}
         table = {k: v for k, v in table.items() if k in keep or os.path.basename(k) in keep}
         if not table:
             raise UsageError(f"--split_file {str(split_file)!r} keeps none of the {len(keep)} listed images")
@@ -293,40 +344,77 @@ def _pick_column(header: list[str], options: tuple[str, ...], what: str, path: s
     raise UsageError(f"captions file {path!r}: no {what} column (expected one of {options}, got {header})")
 
 
-def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
+def load_captions(path: str | os.PathLike, stats: InputStats | None = None) -> dict[str, list[str]]:
     """Read a captions file into `{image name: [captions in file order]}`.
 
     CSV needs a header with an image column (`image`, `filename`, ...) and a caption column (`caption`, `text`,
     ...); several rows per image add captions. JSONL lines are objects with the same keys, the caption a string or a
-    list. Bytes that are not UTF-8 are kept as lone surrogates, so the builder can count and skip such captions
-    instead of failing on the whole file.
+    list. A UTF-8 byte-order mark is accepted. Bytes that are not UTF-8 are kept as lone surrogates, so the builder
+    can count and skip such captions instead of failing on the whole file. Rows that cannot be used (no caption, an
+    unsafe image path, a line that is not a JSON object) are left out and counted in `stats`.
+
+    Raises:
+        UsageError: When the file is missing, empty, or has no image/caption column.
     """
     path = str(path)
+    stats = stats if stats is not None else InputStats()
     table: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        if path.endswith((".jsonl", ".json")):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                img_key = next((k for k in _IMAGE_COLUMNS if k in obj), None)
-                cap_key = next((k for k in _CAPTION_COLUMNS if k in obj), None)
-                if img_key is None or cap_key is None:
-                    raise UsageError(f"{path}:{n}: needs an image key {_IMAGE_COLUMNS} and a caption key")
-                caps = obj[cap_key] if isinstance(obj[cap_key], list) else [obj[cap_key]]
-                table.setdefault(str(obj[img_key]), []).extend("" if c is None else str(c) for c in caps)
-        else:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise UsageError(f"captions file {path!r} is empty")
-            ci = _pick_column(header, _IMAGE_COLUMNS, "image", path)
-            cc = _pick_column(header, _CAPTION_COLUMNS, "caption", path)
-            for row in reader:
-                if len(row) <= max(ci, cc):
-                    continue
-                table.setdefault(row[ci].strip(), []).append(row[cc])
+    if not os.path.isfile(path):
+        raise UsageError(f"captions file {path!r}: no such file")
+    # NOTE: utf-8-sig drops the byte-order mark spreadsheet exports put before the header.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        rows = _jsonl_rows(f, path, stats) if path.endswith((".jsonl", ".json")) else _csv_rows(f, path, stats)
+        for where, image, caps in rows:
+            if not image:
+                stats.skip(where, "no_image_name")
+                continue
+            if not safe_relpath(image):
+                stats.skip(where, "unsafe_path")
+                continue
+            usable = [c for c in caps if c is not None and str(c).strip()]
+            if not usable:
+                stats.skip(where, "no_caption")
+                continue
+            table.setdefault(image, []).extend(str(c) for c in usable)
     return table
+
+
+_Row = tuple[str, str, list]  # (file:line, image name, captions as read)
+
+
+def _jsonl_rows(f: Iterator[str], path: str, stats: InputStats) -> Iterator[_Row]:
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            stats.skip(f"{path}:{n}", "not_json")
+            continue
+        img_key = next((k for k in _IMAGE_COLUMNS if k in obj), None)
+        cap_key = next((k for k in _CAPTION_COLUMNS if k in obj), None)
+        caps = obj.get(cap_key) if cap_key is not None else None
+        caps = caps if isinstance(caps, list) else [caps]
+        yield f"{path}:{n}", str(obj[img_key]).strip() if img_key is not None else "", caps
+
+
+def _csv_rows(f: Iterator[str], path: str, stats: InputStats) -> Iterator[_Row]:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+        raise UsageError(f"captions file {path!r} is empty")
+    ci = _pick_column(header, _IMAGE_COLUMNS, "image", path)
+    cc = _pick_column(header, _CAPTION_COLUMNS, "caption", path)
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if not row or not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) <= ci:
+            stats.skip(where, "short_row")
+            continue
+        yield where, row[ci].strip(), [row[cc] if len(row) > cc else None]
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -362,11 +450,12 @@ def read_sample(shard: InputShard, ref: SampleRef, reader: TarReader | None = No
         return _read_folder_item(shard, ref)
     if reader is None:
         with TarReader() as own:
-            return _from_members(ref.key, own.read_sample(shard.path, ref.indexed))
-    return _from_members(ref.key, reader.read_sample(shard.path, ref.indexed))
+            return raw_from_members(ref.key, own.read_sample(shard.path, ref.indexed))
+    return raw_from_members(ref.key, reader.read_sample(shard.path, ref.indexed))
 
 
-def _from_members(key: str, data: dict[str, bytes]) -> RawSample:
+def raw_from_members(key: str, data: dict[str, bytes]) -> RawSample:
+    """A tar sample's `{ext: bytes}` as a `RawSample` (image, caption from `txt` or `json`, captions, url, meta)."""
     meta: dict[str, object] = {}
     if schema.KEY_JSON in data:
         try:
@@ -399,11 +488,14 @@ def _read_folder_item(shard: InputShard, ref: SampleRef) -> RawSample:
     assert item is not None
     path = Path(shard.path) / item.image
     caption = item.captions[0] if item.captions else None
-    try:
-        image = path.read_bytes()
-        error = None
-    except OSError:
-        image, error = None, "missing_image"
+    image: bytes | None = None
+    if not safe_relpath(item.image):  # NOTE: load_captions refuses these; a hand-made item must not escape either
+        error: str | None = "unsafe_path"
+    else:
+        try:
+            image, error = path.read_bytes(), None
+        except OSError:
+            error = "missing_image"
     return RawSample(
         uid=ref.key,
         image=image,

@@ -1,8 +1,11 @@
 """`distill build-data --verify DIR`: check a reinforced dataset end to end.
 
-Checks the root files (`config.json`, `teach.json`, `manifest.jsonl`, progress), every shard's checksum and sample
-count against the manifest, and every sample's members, shapes, dtypes, per-teacher norms, augmentation records
-and image checksum (schema in `schema.py`). Nothing is unpickled: `pth.gz` members are reported, not loaded.
+Checks the root files (`config.json`, `teach.json`, `manifest.jsonl`, progress, inputs that failed), every shard's
+checksum and sample count against the manifest, and every sample's members, shapes, dtypes, per-teacher norms,
+augmentation records and image checksum (schema in `schema.py`). A uid that appears twice (in one shard or across
+shards) is a problem: build-data keeps each uid's first sample only (`_plan.py`), and the training reader applies
+the same keep-the-first rule to data it did not build. Nothing is unpickled: `pth.gz` members are reported, not
+loaded.
 """
 
 from __future__ import annotations
@@ -77,6 +80,14 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
     entries = _manifest_entries(root / schema.MANIFEST_FILE, rep)
     if expected_shards is not None and len(entries) != expected_shards:
         rep.add(f"incomplete dataset: {len(entries)} of {expected_shards} shards in the manifest")
+
+    for path in sorted((root / schema.PROGRESS_DIR).glob("*.tar.failed.json")):
+        info = _load_json(path, rep) or {}
+        if not (root / schema.PROGRESS_DIR / f"{info.get('shard')}.json").is_file():
+            rep.add(
+                f"{info.get('shard')}: input {info.get('input')} could not be read ({info.get('error')}); "
+                "fix or replace it and rerun build-data"
+            )
 
     listed = {e.get("shard") for e in entries}
     for path in sorted(root.iterdir()):

@@ -153,3 +153,62 @@ def test_caption_tars_are_grouped_by_the_shared_rule(tmp_path):
     cs = CaptionSet(tmp_path / "val.tar", 16)
     assert [cs[i]["captions"] for i in range(len(cs))] == [["first a", "other a"], ["only b"], ["second a"]]
     assert cs[2]["image"].shape == (3, 16, 16)
+
+
+def _zs_folder(root, classes=("cat", "dog"), n=2):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            Image.new("RGB", (20, 20), (40 * c + 10 * k, 100, 50)).save(root / name / f"{k}.png")
+    return root
+
+
+def test_zeroshot_dataset_root_instead_of_its_split_names_the_fix(tmp_path):
+    """cifar10/ (holding test/<class>/) instead of cifar10/test raised ZeroDivisionError."""
+    from distill.args import EvalArgs
+    from mcd_common.errors import UsageError
+
+    _zs_folder(tmp_path / "cifar" / "test")
+    _zs_folder(tmp_path / "cifar" / "train")
+    with pytest.raises(UsageError, match=r"holds splits \(test, train\).*--data.zeroshot .*cifar/test"):
+        evaluate(teacher="test_tiny", data=EvalArgs(zeroshot=str(tmp_path / "cifar")))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(UsageError, match="hold no image"):
+        ImageFolderSet(tmp_path / "empty", 16)
+
+
+def test_a_corrupt_zeroshot_image_is_left_out_and_counted(tmp_path):
+    from distill.args import EvalArgs
+
+    root = _zs_folder(tmp_path / "zs")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    res = evaluate(teacher="test_tiny", data=EvalArgs(zeroshot=str(root)), out=tmp_path / "res.json")
+    assert res["zeroshot_n"] == 4 and res["zeroshot_skipped"] == 1
+    assert res["zeroshot_skipped_files"][0].startswith(str(root / "dog" / "broken.png"))
+    assert json.loads((tmp_path / "res.json").read_text())["zeroshot_skipped"] == 1
+
+
+def test_retrieval_without_a_split_file_warns_and_records_the_split(tmp_path, caplog):
+    from PIL import Image
+
+    from distill.args import EvalArgs
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "splits").mkdir()
+    rows = ["image,caption"]
+    for k in range(4):
+        Image.new("RGB", (24, 24), (60 * k, 20, 90)).save(tmp_path / "images" / f"{k}.jpg")
+        rows.append(f"{k}.jpg,photo {k}")
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "splits" / "train.txt").write_text("0.jpg\n1.jpg\n2.jpg\n")
+    (tmp_path / "splits" / "test.txt").write_text("3.jpg\n")
+    (tmp_path / "images" / "1.jpg").write_bytes(b"not a jpeg")  # one corrupt image: left out, counted
+    with caplog.at_level("WARNING"):
+        res = evaluate(teacher="test_tiny", data=EvalArgs(retrieval=str(tmp_path)))
+    assert "training images included" in caplog.text and "splits/test.txt" in caplog.text
+    assert res["retrieval_split"] == "all" and res["retrieval_images"] == 3 and res["retrieval_skipped"] == 1
+    split = tmp_path / "splits" / "test.txt"
+    res = evaluate(teacher="test_tiny", data=EvalArgs(retrieval=str(tmp_path), retrieval_split_file=str(split)))
+    assert res["retrieval_split"] == str(split) and res["retrieval_images"] == 1

@@ -121,3 +121,29 @@ def test_streams_compressed_tars_and_open_files(tmp_path: Path):
     assert [s.key for s in iter_tar_samples(path)] == ["sub/000", "001", "002"]
     with open(path, "rb") as f:
         assert [s.key for s in iter_tar_samples(f)] == ["sub/000", "001", "002"]
+
+
+@pytest.mark.parametrize("cut", ["empty", "mid_header", "mid_member", "before_header", "not_a_tar"])
+def test_unreadable_tars_raise_an_error_naming_the_file(tmp_path, cut):
+    from mcd_common.tars import TarFileError
+
+    good = _write(tmp_path / "good.tar", [(f"{k:03d}.jpg", bytes(range(256)) * 8) for k in range(3)])
+    raw = good.read_bytes()
+    member = 512 + 2048  # one header block + the member's data
+    data = {
+        "empty": b"",
+        "mid_header": raw[: member + 100],
+        "mid_member": raw[: member + 700],
+        "before_header": raw[:member],  # tarfile alone stops quietly here and loses the last two samples
+        "not_a_tar": b"plain text, not a tar\n" * 50,
+    }[cut]
+    bad = tmp_path / f"{cut}.tar"
+    bad.write_bytes(data)
+    with pytest.raises(TarFileError, match=f"^{bad}: "):
+        index_tar(bad)
+    # NOTE: streaming (verify, which also checks each shard's sha256) cannot tell a tar cut at a header from a
+    # shorter one; random access checks for the end-of-archive block.
+    if cut not in ("before_header", "mid_header"):
+        with pytest.raises(TarFileError, match=f"^{bad}: "):
+            list(iter_tar_samples(bad))
+    assert len(index_tar(good)) == 3

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcd_common.files import sha256_bytes
+from mcd_common.files import FileLock, sha256_bytes
 from mcd_common.images import decode_image, to_uint8_tensor
 from reinforced_data import BuildArgs, build_data, dist_env, verify_dataset
 from reinforced_data._io import decode_npz
@@ -95,16 +95,33 @@ def test_builder_views_are_the_replayed_views(built, corpus_spec, shard_reader):
 def test_ranks_and_worker_count_reproduce_the_single_run(tmp_path, corpus_spec, built, build_kw, monkeypatch):
     out = tmp_path / "ds"
     summaries = []
-    # rank 1 first, with DataLoader workers; then rank 0 in-process: the union must equal the single-rank build.
+    # rank 1 first, with DataLoader workers, while "rank 0" holds the locks of its shards 0 and 2 (a process holds
+    # a shard's lock while it writes it); then rank 0 in-process: the union must equal the single-rank build.
+    busy = [FileLock(out / "_progress" / "locks" / f"0000000{k}.tar.lock").acquire() for k in (0, 2)]
     for rank, workers in ((1, 2), (0, 0)):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", "0")
         kw = {**build_kw, "num_workers": workers}
         summaries.append(build_data(out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**kw)))
+        for lock in busy:
+            lock.release()
     assert [s["shards_done"] for s in summaries] == [1, 2]
+    assert [s["shards_busy"] for s in summaries] == [2, 0]
     assert not summaries[0]["dataset_complete"] and summaries[1]["dataset_complete"]
     assert (out / "manifest.jsonl").read_text() == (built[0] / "manifest.jsonl").read_text()  # same sha256s
+
+
+def test_a_rank_alone_builds_every_shard_its_own_first(tmp_path, corpus_spec, built, build_kw, monkeypatch):
+    """Ranks cooperate through the shard locks: one that finds no other rank at work builds the rest too."""
+    out = tmp_path / "ds"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    summary = build_data(out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**build_kw))
+    assert summary["shards_done"] == 3 and summary["dataset_complete"]
+    order = sorted(range(3), key=lambda k: (out / "_progress" / f"0000000{k}.tar.json").stat().st_mtime_ns)
+    assert order[0] == 1  # its own shard first
+    assert (out / "manifest.jsonl").read_text() == (built[0] / "manifest.jsonl").read_text()
 
 
 def test_bad_inputs_are_counted_not_fatal(tmp_path, write_tar, image_bytes):
@@ -211,7 +228,8 @@ def test_captioner_writes_syn_text_and_its_embeddings(tmp_path, corpus, tiny_ens
             arrays["syn_text_emb"].astype(np.float32), _direct_texts(tiny_ensemble, syn["syn_text"]), atol=ATOL
         )
     config = json.loads((out / "config.json").read_text())
-    assert config["build"]["captioners"] == [{"name": "test_tiny_coca", "syn_key": "syn_text"}]
+    [cap] = config["build"]["captioners"]
+    assert cap["name"] == "test_tiny_coca" and cap["syn_key"] == "syn_text" and len(cap["weights_sha256"]) == 64
     assert verify_dataset(out)["ok"]
 
 
@@ -224,7 +242,14 @@ def test_config_and_layout_follow_datacompdr(built):
     assert set(aug["normalize"]) == {"mean", "std"} and aug["random_resized_crop"]["size"] == 48
     assert aug["rand_augment"]["enable"] and aug["rand_augment"]["p"] == 1.0
     progress = json.loads((out / "progress.json").read_text())
-    assert progress == {"num_input_shards": 3, "shards_done": 3, "num_samples": 24, "skipped": {}, "complete": True}
+    assert progress == {
+        "num_input_shards": 3,
+        "shards_done": 3,
+        "num_samples": 24,
+        "skipped": {},
+        "failed_inputs": [],
+        "complete": True,
+    }
 
 
 def test_rerun_resumes_and_other_arguments_are_refused(tmp_path, built, corpus_spec, build_kw):

@@ -21,10 +21,10 @@ from reinforced_data import (
     ReinforcedOptions,
     collate,
 )
-from reinforced_data._io import decode_npz
+from reinforced_data._io import decode_npz, encode_npz
 from reinforced_data.augment import decode_param_aug, record_rng, replay, sample_record
 from reinforced_data.schema import teacher_slices
-from reinforced_data.sources import iter_samples, resolve_inputs
+from reinforced_data.sources import InputStats, iter_samples, resolve_inputs
 
 KEYS = {
     "image",
@@ -272,8 +272,112 @@ def test_image_text_captions_are_checked_and_normalised(tmp_path, tok, image_byt
     for k in range(3):
         (tmp_path / "imgs" / f"{k}.jpg").write_bytes(image_bytes(seed=k))
     (tmp_path / "caps.csv").write_text("image,caption\n0.jpg,  a   red\tsquare \n1.jpg,  \n2.jpg,one\n")
-    shards = resolve_inputs(tmp_path / "imgs", captions=tmp_path / "caps.csv")
+    stats = InputStats()
+    shards = resolve_inputs(tmp_path / "imgs", captions=tmp_path / "caps.csv", stats=stats)
+    assert stats.rows_skipped == {"no_caption": 1}  # the blank row is counted where it is read
     ds = ImageTextDataset(shards, tok, 16, "bicubic", AugmentCfg(crop_size=16), seed=0)
     captions = [s["caption"] for s in _all(ds)]
-    # sample 1 has no usable caption: it is replaced by the next sample (deterministically), never trained on
-    assert captions == ["a red square", "one", "one"]
+    # image 1 has no usable caption: it is not a sample, and no other sample is served twice in its place
+    assert captions == ["a red square", "one"]
+    assert ds.stats()["replaced_at_load"] == 0
+
+
+def test_image_text_tar_samples_without_caption_are_left_out_and_counted(tmp_path, tok, image_bytes, write_tar):
+    img = image_bytes(seed=1)
+    path = write_tar(
+        tmp_path / "plain.tar",
+        [
+            {"__key__": "a", "jpg": img, "txt": "a photo"},
+            {"__key__": "b", "jpg": img, "txt": "  "},
+            {"__key__": "c", "txt": "no image"},
+            {"__key__": "a", "jpg": img, "txt": "a again"},
+            {"__key__": "d", "jpg": img, "json": json.dumps({"caption": "from json"})},
+        ],
+    )
+    ds = ImageTextDataset(resolve_inputs(str(path)), tok, 16, "bicubic", None, seed=0)
+    assert [s["caption"] for s in _all(ds)] == ["a photo", "from json"]
+    stats = ds.stats()
+    assert stats["samples_indexed"] == 5 and stats["samples_usable"] == 2
+    assert stats["skipped"] == {"empty_caption": 1, "no_image": 1, "duplicate_uid": 1}
+
+
+def _pth_gz(image_emb: np.ndarray, text_emb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"image_emb": torch.tensor(image_emb).bfloat16(), "text_emb": torch.tensor(text_emb).bfloat16()}, buf)
+    return gzip.compress(buf.getvalue())
+
+
+def test_apples_empty_embeddings_are_skipped_and_counted_never_replaced(tmp_path, write_tar, image_bytes, tok):
+    """apple/ml-mobileclip-dr#3: a 50-sample shard built in batches of 16 has empty arrays for 34 samples. They
+    used to be replaced by their neighbours (the index kept all 50; sample 0 came back 35 times per epoch)."""
+    rng = np.random.default_rng(0)
+    img = image_bytes(40, 30)
+    records = json.dumps(
+        {"param_aug": [sample_record(40, 30, record_rng(0, "s", k), AugmentCfg(crop_size=32)) for k in range(2)]}
+    )
+    samples = []
+    for n in range(50):
+        if n < 16:
+            arrays = _pth_gz(_unit(rng, 2, [16, 16]), _unit(rng, 1, [16, 16]))
+        else:
+            arrays = _pth_gz(np.zeros((0, 32)), np.zeros((0, 32)))  # what the generator wrote past batch 1
+        samples.append(
+            {"__key__": f"{n:09d}", "jpg": img, "txt": f"caption {n}", "paug.json": records, "pth.gz": arrays}
+        )
+    path = write_tar(tmp_path / "apple.tar", samples)
+    ds = _reinforced(path, tok, trust_pickle=True, teacher_dims=[16, 16])
+    assert len(ds) == 16
+    epoch = [ds[(i, 0)]["caption"] for i in range(len(ds))]
+    assert sorted(epoch) == sorted(f"caption {n}" for n in range(16))  # each usable sample once
+    stats = ds.stats()
+    assert stats["samples_indexed"] == 50 and stats["samples_usable"] == 16
+    assert stats["skipped"] == {"empty_embeddings": 34} and stats["replaced_at_load"] == 0
+    assert stats["skipped_examples"][0].endswith("000000016: empty_embeddings")
+
+
+def test_every_kind_of_bad_stored_sample_is_counted(tmp_path, built, shard_reader, write_tar, tok):
+    """Index-time checks of the small members: each bad sample is left out under its own reason."""
+    stored = shard_reader(built[0] / "00000000.tar")
+    good = [(k, m) for k, m in stored[:2]]
+    bad = {}
+    k, m = stored[2]
+    bad["no_paug"] = {kk: v for kk, v in m.items() if kk != "paug.json"}
+    k, m = stored[3]
+    bad["unreadable_embeddings"] = {**m, "npz": b"PK\x03\x04 not a zip"}
+    k, m = stored[4]
+    arrays = decode_npz(m["npz"])
+    bad["wrong_width"] = {**m, "npz": encode_npz({**arrays, "image_emb": arrays["image_emb"][:, :40]})}
+    k, m = stored[5]
+    bad["nonfinite_embeddings"] = {**m, "npz": encode_npz({**arrays, "text_emb": arrays["text_emb"] * np.nan})}
+    k, m = stored[6]
+    bad["bad_paug"] = {**m, "paug.json": b"{not json"}
+    k, m = stored[7]
+    bad["empty_caption"] = {**m, "txt": b"  "}
+    first = write_tar(
+        tmp_path / "a.tar",
+        [{"__key__": k, **m} for k, m in good] + [{"__key__": f"bad_{r}", **m} for r, m in bad.items()],
+    )
+    second = write_tar(tmp_path / "b.tar", [{"__key__": good[0][0], **good[0][1]}])  # the same uid again
+    ds = _reinforced(f"{first}::{second}", tok)
+    assert len(ds) == 2
+    assert ds.stats()["skipped"] == {**dict.fromkeys(bad, 1), "duplicate_uid": 1}
+
+
+def test_fast_npz_reader_matches_numpy_and_refuses_pickles():
+    from reinforced_data._io import decode_npz_arrays
+
+    rng = np.random.default_rng(0)
+    arrays = {"image_emb": rng.normal(size=(3, 8)).astype(np.float16), "text_emb": rng.normal(size=(1, 8))}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, fortran=np.asfortranarray(rng.normal(size=(4, 3))), empty=np.zeros((0, 8)))
+    for blob in (encode_npz(arrays), buf.getvalue()):
+        got = decode_npz_arrays(blob, ("image_emb", "text_emb", "missing"))
+        assert list(got) == ["image_emb", "text_emb"]
+        for name, arr in got.items():
+            assert arr.dtype == arrays[name].dtype and np.array_equal(arr, arrays[name])
+    got = decode_npz_arrays(buf.getvalue(), ("fortran", "empty"))  # numpy's own reader for Fortran order
+    assert got["fortran"].shape == (4, 3) and got["empty"].shape == (0, 8)
+    pickled = io.BytesIO()
+    np.savez(pickled, image_emb=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        decode_npz_arrays(pickled.getvalue(), ("image_emb",))
