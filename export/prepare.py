@@ -1,11 +1,16 @@
 """Prepare a CLIP student for export: fold, wrap, and rewrite into ops that mobile delegates run well.
 
 `prepare_towers` deep-copies a student, puts it in eval mode, folds every re-parameterisable block
-(MobileOne / RepMixer / RepCPE, timm's ``reparameterize_model`` contract) and wraps the image and text towers
-separately with fixed signatures that return L2-normalised embeddings:
+(MobileOne / RepMixer / RepCPE: the student's own ``reparameterize()``, or timm's ``reparameterize_model`` for a
+plain open_clip model) and wraps the image and text towers separately with fixed signatures that return
+L2-normalised embeddings:
 
 * image ``float32[B, 3, H, W]`` in [0, 1]; the student's mean/std normalisation is folded into the wrapper;
 * text ``int32[B, L]`` token ids (L = the student's context length).
+
+CoCa students export their two towers (the contrastive embeddings); the captioning decoder stays PyTorch-only.
+Their towers return ``(embedding, tokens)``: the wrappers keep the embedding, and the attentional pooler keeps
+only its first (contrastive) query, which is exact because pooler queries never attend to each other.
 
 Export-friendly rewrites (numerically equivalent to the eager tower; tests compare them):
 
@@ -36,6 +41,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import reparameterize_model
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ __all__ = [
     "TransformerTextEncoder",
     "example_inputs",
     "prepare_towers",
-    "reparameterize_",
+    "reparameterize",
     "student_meta",
     "vocab_size",
 ]
@@ -178,7 +184,8 @@ def _attend(
         k: Keys `[B, L, C]`.
         v: Values `[B, L, C]`.
         heads: Number of heads.
-        mask: Optional additive mask, `[Lq, L]` (shared) or `[B, Lq, L]` (per sample).
+        mask: Optional additive mask, `[Lq, L]` (shared), `[B, Lq, L]` (per sample) or `[B, H, Lq, L]` (per
+            sample and head).
 
     Returns:
         `[B, Lq, C]`.
@@ -191,7 +198,9 @@ def _attend(
     kh = k.reshape(b, lk, heads, dh).permute(0, 2, 3, 1).reshape(b * heads, dh, lk)
     vh = v.reshape(b, lk, heads, dh).permute(0, 2, 1, 3).reshape(b * heads, lk, dh)
     attn = torch.bmm(qh, kh)  # [B*H, Lq, L]
-    if mask is not None and mask.dim() == 3:
+    if mask is not None and mask.dim() == 4:
+        attn = (attn.reshape(b, heads, lq, lk) + mask).reshape(b * heads, lq, lk)
+    elif mask is not None and mask.dim() == 3:
         # a per-sample mask [B, Lq, L]: broadcast over heads through a 4D view (repeat_interleave would become an
         # expand, which XNNPACK does not take)
         attn = (attn.reshape(b, heads, lq, lk) + mask.reshape(b, 1, lq, lk)).reshape(b * heads, lq, lk)
@@ -203,10 +212,10 @@ def _attend(
 
 
 class ExportMultiheadAttention(nn.Module):
-    """Drop-in, self-attention-only replacement for ``nn.MultiheadAttention`` (returns ``(out, None)``).
+    """Drop-in replacement for ``nn.MultiheadAttention`` (returns ``(out, None)``).
 
-    Only built for modules with packed, equal-size q/k/v projections (see `_replace_modules`); cross-attention,
-    key padding masks and returned weights raise.
+    Only built for modules with packed, equal-size q/k/v projections (see `_replace_modules`). Self- and
+    cross-attention (CoCa's attentional pooler) are supported; key padding masks and returned weights raise.
     """
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
@@ -232,18 +241,20 @@ class ExportMultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if key is not query or value is not query or key_padding_mask is not None or kwargs.get("is_causal"):
-            raise NotImplementedError("export rewrite supports self-attention with an additive/bool attn_mask only")
-        x = query if self.batch_first else query.transpose(0, 1)  # [B, L, C]
+        if key_padding_mask is not None or kwargs.get("is_causal"):
+            raise NotImplementedError("export rewrite supports an additive/bool attn_mask only (no key padding mask)")
+        q, k, v = (t if self.batch_first else t.transpose(0, 1) for t in (query, key, value))  # [B, L, C]
         mask = None
         if attn_mask is not None:
             mask = attn_mask
             if mask.dtype == torch.bool:  # True = not allowed (nn.MultiheadAttention semantics)
-                mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask, _MASK_VALUE)
-            mask = mask.to(x.dtype).clamp(min=_MASK_VALUE)
-            if mask.dim() != 2:
-                raise NotImplementedError("export rewrite supports a 2D [L, S] attn_mask only")
-        out = self.out(_attend(self.q(x), self.k(x), self.v(x), self.heads, mask))
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, _MASK_VALUE)
+            mask = mask.to(q.dtype).clamp(min=_MASK_VALUE)  # NOTE: -inf -> a finite value (no NaN, FP16-safe)
+            if mask.dim() == 3:  # [B * H, L, S] (nn.MultiheadAttention's per-head layout) -> [B, H, L, S]
+                mask = mask.reshape(q.shape[0], self.heads, mask.shape[1], mask.shape[2])
+            elif mask.dim() != 2:
+                raise NotImplementedError("export rewrite supports a [L, S] or [B * H, L, S] attn_mask only")
+        out = self.out(_attend(self.q(q), self.k(k), self.v(v), self.heads, mask))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
@@ -268,29 +279,27 @@ class ExportFastVitAttention(nn.Module):
 # Model surgery
 
 
-def reparameterize_(model: nn.Module) -> int:
-    """Fold every re-parameterisable block in place, with timm's ``reparameterize_model`` duck typing.
+def reparameterize(model: nn.Module) -> None:
+    """Fold every re-parameterisable block in place: the student's own ``reparameterize()`` when it has one
+    (``students.CLIPStudent``), else timm's ``reparameterize_model`` (the same duck-typed walk)."""
+    if callable(getattr(model, "reparameterize", None)):
+        model.reparameterize()
+    else:
+        reparameterize_model(model, inplace=True)
 
-    A child with ``fuse()`` is replaced by what it returns; ``reparameterize()`` and ``switch_to_deploy()`` fold
-    in place (MobileOne, RepMixer, RepCPE, RepVGG-style blocks).
 
-    Returns:
-        The number of blocks folded.
+def _contrastive_only(tower: nn.Module) -> None:
+    """Drop the token outputs of a CoCa tower (open_clip ``output_tokens``), keeping its embedding, in place.
+
+    The attentional pooler of open_clip's original CoCa layout is cut to its first query: ``ln_post`` and the
+    cross-attention act per query, so the first output row is unchanged while the other (decoder) queries are no
+    longer computed.
     """
-    folded = 0
-    for name, child in list(model.named_children()):
-        if callable(getattr(child, "fuse", None)):
-            child = child.fuse()
-            setattr(model, name, child)
-            folded += 1
-        elif callable(getattr(child, "reparameterize", None)):
-            child.reparameterize()
-            folded += 1
-        elif callable(getattr(child, "switch_to_deploy", None)):
-            child.switch_to_deploy()
-            folded += 1
-        folded += reparameterize_(child)
-    return folded
+    if getattr(tower, "output_tokens", False):
+        tower.output_tokens = False
+    pool = getattr(tower, "attn_pool", None)
+    if pool is not None and getattr(tower, "attn_pool_contrastive", None) is None and tower.pool_type == "tok":
+        pool.query = nn.Parameter(pool.query.detach()[:1].clone())  # [1, D]: the contrastive query
 
 
 def _replace_modules(model: nn.Module, decompose_norms: bool) -> dict[str, int]:
@@ -361,7 +370,10 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Embed images in [0, 1] `[B, 3, H, W]`; returns `[B, D]`."""
         x = image * self.in_scale + self.in_bias if self.normalize_input else image
-        return self.l2(self.visual(x))
+        out = self.visual(x)
+        if isinstance(out, (tuple, list)):  # (embedding, tokens) towers (CoCa): the embedding
+            out = out[0]
+        return self.l2(out)
 
 
 class TextEncoder(nn.Module):
@@ -629,12 +641,10 @@ def prepare_towers(
         raise ValueError(f"backend must be eager, xnnpack or coreml, got {backend!r}")
     meta = student_meta(student)
     model = copy.deepcopy(student).eval()
-    # NOTE: CLIPStudent.reparameterize() is the same timm walk as `reparameterize_`; use it when present
-    if callable(getattr(model, "reparameterize", None)):
-        model.reparameterize()
-    else:
-        reparameterize_(model)
+    reparameterize(model)
     visual, text = model.visual, model.text
+    for tower in (visual, text):
+        _contrastive_only(tower)
     decompose = backend == "xnnpack"
     if rewrite:
         _logger.debug("image tower rewrites: %s", _replace_modules(visual, decompose))
@@ -663,11 +673,6 @@ def vocab_size(text: nn.Module) -> int:
         if isinstance(m, nn.Embedding):
             return m.num_embeddings
     return 49408
-
-
-def count_params(module: nn.Module) -> int:
-    """Number of parameters plus buffers that the exported program will carry."""
-    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
 def example_inputs(
