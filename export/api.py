@@ -28,10 +28,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-import students
 from export import bundle
 from export._report import ExportReport
-from export.prepare import prepare_towers, student_meta
 from mcd_common import UsageError
 from mcd_common.files import atomic_write_json, git_sha, sha256_path
 
@@ -266,6 +264,8 @@ class ExportJob:
 
     def towers(self, backend: str) -> dict[str, nn.Module]:
         """``{"image": enc, "text": enc}`` from `export.prepare.prepare_towers` for ``backend``."""
+        from export.prepare import prepare_towers  # timm + open_clip: kept out of `distill export --help`
+
         return dict(zip(("image", "text"), prepare_towers(self.student, backend=backend), strict=True))
 
     def skip(self, message: str) -> None:
@@ -303,6 +303,10 @@ class ExportJob:
 
 def _open_job(checkpoint: Path, out: Path, options: ExportOptions) -> ExportJob:
     """Load the student and build the fixed inputs and references."""
+    # NOTE: students imports open_clip, which imports transformers: lazy so that `distill export --help` is light
+    import students
+    from export.prepare import prepare_towers, student_meta
+
     out.mkdir(parents=True, exist_ok=True)
     student = students.load_student(checkpoint).eval()
     meta = student_meta(student)

@@ -35,10 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import students
 from export import bundle
 from export._report import parity
-from export.prepare import example_inputs, prepare_towers
 from mcd_common import UsageError
 from mcd_common.files import atomic_path, git_sha
 
@@ -251,6 +249,10 @@ def _artifact_candidates(artifacts: Path, manifest: dict, opts: BenchOptions, no
 
 
 def _eager_candidates(manifest: dict, opts: BenchOptions, notes: list[str]) -> list[_Candidate]:
+    # NOTE: students imports open_clip, which imports transformers: lazy so that `distill bench --help` is light
+    import students
+    from export.prepare import prepare_towers
+
     ckpt = Path(opts.checkpoint or manifest["model"]["checkpoint"])
     if not ckpt.exists():
         notes.append(f"eager comparison skipped: checkpoint {ckpt} not found (--checkpoint)")
@@ -272,6 +274,8 @@ def _eager_candidates(manifest: dict, opts: BenchOptions, notes: list[str]) -> l
 
 def _inputs(manifest: dict, batch: int) -> dict[str, dict[int, torch.Tensor]]:
     """Fixed inputs per tower and batch size (batch N: N different images; the example token row N times)."""
+    from export.prepare import example_inputs  # timm + open_clip: kept out of `distill bench --help`
+
     m = manifest["model"]
     image, tokens = example_inputs(m["image_size"], m["context_length"], manifest["tokenizer"]["vocab_size"])
     images = torch.cat([image, torch.rand(batch - 1, *image.shape[1:], generator=torch.Generator().manual_seed(1))])
