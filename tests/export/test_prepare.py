@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from export.prepare import (
     ExportLayerNorm,
     L2Norm,
+    TiledGroupedConv,
     TransformerTextEncoder,
     example_inputs,
     prepare_towers,
@@ -124,3 +125,24 @@ def test_coca_towers_keep_the_contrastive_query_only(make_student) -> None:
     with torch.no_grad():
         torch.testing.assert_close(image_enc(image), student.encode_image(student.normalize(image)), atol=1e-5, rtol=0)
         torch.testing.assert_close(text_enc(tokens.to(torch.int32)), student.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "groups", "cin", "cout"), [(7, 1, 16, 16, 16), (7, 2, 8, 8, 16), (11, 1, 4, 4, 4)]
+)
+def test_tiled_grouped_conv_is_the_same_conv(k: int, stride: int, groups: int, cin: int, cout: int) -> None:
+    """XNNPACK's slow >5x5 grouped convs become sums of 5x5 ones: same outputs, BatchNorm folded in."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=stride == 1)
+    bn = torch.nn.BatchNorm2d(cout).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_(1, 0.2)
+        bn.bias.normal_(0, 0.2)
+    x = torch.randn(2, cin, 19, 21)  # odd, non-square sizes: the views must line up with the strided outputs
+    tiled = TiledGroupedConv(conv, bn)
+    assert TiledGroupedConv.supports(conv) and not TiledGroupedConv.supports(torch.nn.Conv2d(4, 4, 5, groups=4))
+    assert len(tiled.offsets) == ((k + 4) // 5) ** 2
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
