@@ -163,18 +163,19 @@ def demo(
 
     if export:
         t = _step("5/5 export (ExecuTorch + CoreML + app bundle) and bench")
-        from export.api import ExportArgs
         from export.api import export as export_fn
-        from export.bench import BenchArgs, bench
+        from export.bench import bench
 
         classes = meta["classes"]
         summary["export"] = export_fn(
             checkpoint=Path(res_kd["student_dir"]),
             out=out / "export",
             format="all",
-            args=ExportArgs(class_names=classes, templates=list(meta["templates"])),
+            class_names=classes,
+            templates=list(meta["templates"]),
         )
-        bench_res = bench(artifacts=out / "export", args=BenchArgs(iters=5 if quick else 50, warmup=2 if quick else 10))
+        summary["export"].pop("_table", None)
+        bench_res = bench(artifacts=out / "export", iters=5 if quick else 50, warmup=2 if quick else 10)
         summary["bench_table"] = bench_res.pop("_table", None)
         summary["bench"] = bench_res
         times["export_bench"] = time.time() - t

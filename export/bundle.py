@@ -20,15 +20,13 @@ import importlib.metadata
 import json
 import logging
 import platform
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from export._report import atomic_write_bytes
+from mcd_common.files import atomic_write_bytes, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ __all__ = [
     "MERGES_NAME",
     "VOCAB_NAME",
     "class_embeddings",
-    "git_sha",
     "read_manifest",
     "versions",
     "write_class_embeddings",
@@ -53,18 +50,22 @@ MERGES_NAME = "clip-merges.txt"
 CLASS_EMBEDDINGS_NAME = "class_embeddings.json"
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
+SOT_ID = 49406
+"""Id of SOT in the CLIP vocabulary (checked against the built vocabulary in `write_tokenizer_files`)."""
+EOT_ID = 49407
+"""Id of EOT: the largest id, which is why open_clip's argmax pooling finds it."""
 # NOTE: open_clip keeps the first 49152 - 256 - 2 merges of the file; 256 byte tokens + 256 "</w>" byte tokens +
 # 48894 merges + SOT + EOT = 49408 ids.
 _NUM_MERGES = 49152 - 256 - 2
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
-    """Atomically write ``data`` as UTF-8 JSON."""
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
+def write_json(path: Path, data: object, indent: int | None = 2) -> None:
+    """Atomically write ``data`` as UTF-8 JSON (non-ASCII kept as is: class names may be in any language)."""
+    atomic_write_text(Path(path), json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
-def read_manifest(bundle: Path) -> dict[str, Any]:
+def read_manifest(bundle: Path) -> dict[str, object]:
     """Read ``manifest.json`` of an exported bundle."""
     return json.loads((Path(bundle) / MANIFEST_NAME).read_text(encoding="utf-8"))
 
@@ -76,7 +77,7 @@ def _bpe_merges() -> list[str]:
     return lines[1 : _NUM_MERGES + 1]  # line 0 is the "#version" header
 
 
-def write_tokenizer_files(out: Path) -> dict[str, Any]:
+def write_tokenizer_files(out: Path) -> dict[str, object]:
     """Write ``clip-vocab.json`` and ``clip-merges.txt`` into ``out``; returns the manifest's tokenizer entry."""
     from open_clip.tokenizer import bytes_to_unicode
 
@@ -86,8 +87,8 @@ def write_tokenizer_files(out: Path) -> dict[str, Any]:
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     tokens += [SOT_TOKEN, EOT_TOKEN]
     vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise RuntimeError("duplicate tokens while building the CLIP vocabulary")
+    if len(vocab) != len(tokens) or (vocab[SOT_TOKEN], vocab[EOT_TOKEN]) != (SOT_ID, EOT_ID):
+        raise RuntimeError("unexpected CLIP vocabulary (duplicate tokens or SOT/EOT ids moved)")
     out = Path(out)
     write_json(out / VOCAB_NAME, vocab, indent=None)
     atomic_write_bytes(out / MERGES_NAME, ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
@@ -129,7 +130,7 @@ def class_embeddings(
 
 def write_class_embeddings(
     out: Path, class_names: Sequence[str], embeddings: torch.Tensor, templates: Sequence[str]
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Write ``class_embeddings.json`` (names, templates, ``[C, D]`` float list); returns the manifest entry."""
     data = {
         "classes": list(class_names),
@@ -145,24 +146,13 @@ def write_class_embeddings(
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the artifacts."""
     out = {"python": platform.python_version()}
-    for dist in ("torch", "executorch", "coremltools", "open_clip_torch", "timm", "torchao", "mobileclip-distill"):
+    dists = ("torch", "executorch", "coremltools", "onnx", "onnxruntime", "onnxscript", "transformers")
+    for dist in (*dists, "open_clip_torch", "timm", "torchao", "mobileclip-distill"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
-
-
-def git_sha(path: Path | None = None) -> str:
-    """``git rev-parse HEAD`` of the checkout holding this package (``"unknown"`` outside a checkout)."""
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
 
 
 def utc_now() -> str:

@@ -22,19 +22,33 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from export._report import ExportReport, atomic_replace_dir, parity, path_size, temp_dir_for
+from export._quiet import captured_stderr, filter_coremltools_warnings, quiet_loggers
+from export._report import ExportReport, parity, path_size
+from mcd_common.files import atomic_path
+
+if TYPE_CHECKING:  # coremltools is imported lazily (heavy, optional at --help time)
+    import coremltools as ct
+    from coremltools.proto.Model_pb2 import Model as ModelSpec
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["Compression", "coreml_spec_summary", "export_coreml", "image_preprocessing"]
 
 Compression = Literal["none", "palettize2", "palettize4", "palettize6", "palettize8", "int8"]
+
+
+def _import_coremltools():  # noqa: ANN202 - the coremltools module
+    """Import coremltools with its known-harmless import-time warnings filtered (`export._quiet`)."""
+    filter_coremltools_warnings()
+    import coremltools
+
+    return coremltools
 
 
 def image_preprocessing(mean: Sequence[float], std: Sequence[float]) -> tuple[float, list[float], bool]:
@@ -52,7 +66,7 @@ def image_preprocessing(mean: Sequence[float], std: Sequence[float]) -> tuple[fl
     return 1.0 / 255.0, [0.0, 0.0, 0.0], False
 
 
-def _compress(model: Any, compression: Compression) -> Any:
+def _compress(model: ct.models.MLModel, compression: Compression) -> ct.models.MLModel:
     if compression == "none":
         return model
     import coremltools.optimize.coreml as cto
@@ -66,13 +80,13 @@ def _compress(model: Any, compression: Compression) -> Any:
     raise ValueError(f"unknown CoreML compression {compression!r}")
 
 
-def coreml_spec_summary(spec: Any) -> dict[str, Any]:
+def coreml_spec_summary(spec: ModelSpec) -> dict[str, object]:
     """Inputs, outputs, ImageType preprocessing and op-type counts of an ML program spec."""
     from google.protobuf.json_format import MessageToDict
 
-    def _feature(f: Any) -> dict[str, Any]:
+    def _feature(f) -> dict[str, object]:  # noqa: ANN001 - a FeatureDescription protobuf
         kind = f.type.WhichOneof("Type")
-        out: dict[str, Any] = {"name": f.name, "type": kind}
+        out: dict[str, object] = {"name": f.name, "type": kind}
         if kind == "imageType":
             out.update(width=f.type.imageType.width, height=f.type.imageType.height)
             out["color_space"] = MessageToDict(f.type.imageType).get("colorSpace", "")
@@ -85,7 +99,7 @@ def coreml_spec_summary(spec: Any) -> dict[str, Any]:
 
     ops: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
-    consts: dict[str, Any] = {}
+    consts: dict[str, list[float]] = {}
     fn = spec.mlProgram.functions["main"]
     block = fn.block_specializations[fn.opset]
     for op in block.operations:
@@ -133,7 +147,7 @@ def export_coreml(
         check_inputs: Fixed inputs for the macOS parity check (default: ``[example]``).
         min_cosine: Threshold for ``passed`` (uncompressed models only).
     """
-    import coremltools as ct
+    ct = _import_coremltools()
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -151,11 +165,8 @@ def export_coreml(
     else:
         ct_input = ct.TensorType(name="text", shape=tuple(example[0].shape), dtype=np.int32)
     program = torch.export.export(module, example).run_decompositions({})
-    # coremltools logs every graph pass at INFO; keep a user's INFO log readable
-    ct_logger = logging.getLogger("coremltools")
-    level = ct_logger.level
-    ct_logger.setLevel(max(level, logging.WARNING))
-    try:
+    # coremltools logs every graph pass at INFO and draws tqdm bars on stderr; keep a user's INFO log readable
+    with quiet_loggers("coremltools"), captured_stderr("coremltools"):
         model = ct.convert(
             program,
             inputs=[ct_input],
@@ -165,14 +176,12 @@ def export_coreml(
             compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         )
         model = _compress(model, compression)
-    finally:
-        ct_logger.setLevel(level)
     model.short_description = f"MobileCLIP-style {tower} encoder: L2-normalised embedding"
     model.user_defined_metadata["tower"] = tower
     model.user_defined_metadata["precision"] = label
-    tmp = temp_dir_for(path)
-    model.save(str(tmp))
-    atomic_replace_dir(tmp, path)
+    # NOTE: the temp name keeps the suffix: coremltools refuses to save a package under another name
+    with atomic_path(path, keep_suffix=True) as tmp:
+        model.save(str(tmp))
     report.file_size = path_size(path)
     report.delegation = coreml_spec_summary(model.get_spec())
 
@@ -203,7 +212,9 @@ def _without_input_normalization(encoder: nn.Module) -> nn.Module:
     return out
 
 
-def _predict_parity(report: ExportReport, model: Any, reference: nn.Module, inputs: list[tuple[torch.Tensor, ...]]):
+def _predict_parity(
+    report: ExportReport, model: ct.models.MLModel, reference: nn.Module, inputs: list[tuple[torch.Tensor, ...]]
+) -> None:
     """Run the package with CoreML (macOS only) and compare with PyTorch."""
     from PIL import Image
 

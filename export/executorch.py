@@ -19,18 +19,25 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 
-from export._report import ExportReport, atomic_write_bytes, parity, path_size
+from export._quiet import captured_fd2, filter_coremltools_warnings
+from export._report import ExportReport, parity, path_size
+from mcd_common.files import atomic_write_bytes
+
+if TYPE_CHECKING:  # executorch is imported lazily (heavy, optional at --help time)
+    from executorch.exir import EdgeProgramManager
+    from executorch.runtime import Method
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "ExecuTorchBackend",
     "HalfEmbedding",
+    "PteRunner",
     "half_embeddings",
     "Quantize",
     "available_executorch_backends",
@@ -45,13 +52,14 @@ ExecuTorchBackend = Literal["xnnpack", "coreml", "mps"]
 Quantize = Literal["none", "int8", "int8_dynamic"]
 
 
-def available_executorch_backends() -> dict[str, dict[str, Any]]:
+def available_executorch_backends() -> dict[str, dict[str, object]]:
     """Which delegates can lower (``lower``) and run here (``run``), with the reason when not.
 
     Returns:
         ``{"xnnpack": {"lower": bool, "run": bool, "reason": str}, "coreml": {...}, "mps": {...}}``
     """
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, object]] = {}
+    filter_coremltools_warnings()  # the CoreML partitioner imports coremltools
     try:
         from executorch.runtime import Runtime
 
@@ -65,7 +73,7 @@ def available_executorch_backends() -> dict[str, dict[str, Any]]:
         ("coreml", "executorch.backends.apple.coreml.partition", "CoreMLBackend"),
         ("mps", "executorch.backends.apple.mps.partition", "MPSBackend"),
     ):
-        entry: dict[str, Any] = {"lower": True, "run": runtime_name in registered, "reason": ""}
+        entry: dict[str, object] = {"lower": True, "run": runtime_name in registered, "reason": ""}
         try:
             __import__(module)
         except Exception as e:  # noqa: BLE001 - ImportError or a broken optional extension
@@ -80,19 +88,45 @@ def available_executorch_backends() -> dict[str, dict[str, Any]]:
     return out
 
 
+# The threadpool's first use probes ARM-only sysfs files (midr) and compares core counts; on x86 every probe
+# "fails" and the pool is sized from the core count anyway (and `set_executorch_threads` sets it explicitly).
+_THREADPOOL_NOISE = r"^\[(cpuinfo_utils|threadpool)\.cpp:\d+\]"
+
+
+def _init_threadpool() -> int:
+    """Create the ExecuTorch threadpool once, with its native start-up chatter captured; returns its size."""
+    from executorch.extension.pybindings import portable_lib
+
+    with captured_fd2("executorch", _THREADPOOL_NOISE):
+        return int(portable_lib._threadpool_get_thread_count())
+
+
 def set_executorch_threads(num_threads: int) -> None:
     """Size the ExecuTorch runtime threadpool (XNNPACK uses it) for this process."""
     from executorch.extension.pybindings import portable_lib
 
-    portable_lib._unsafe_reset_threadpool(int(num_threads))
+    _init_threadpool()
+    with captured_fd2("executorch", _THREADPOOL_NOISE):
+        portable_lib._unsafe_reset_threadpool(int(num_threads))
 
 
-def load_pte(path: Path):  # noqa: ANN201 - executorch.runtime.Method
+def load_pte(path: Path) -> Method:
     """Load the ``forward`` method of a ``.pte`` with ``executorch.runtime``; call ``.execute([inputs])``."""
     from executorch.runtime import Runtime
 
+    _init_threadpool()
     program = Runtime.get().load_program(Path(path))
     return program.load_method("forward")
+
+
+class PteRunner:
+    """A loaded ``.pte``: ``runner(x)`` embeds `[B, ...]` one row at a time (the programs have batch 1)."""
+
+    def __init__(self, path: Path) -> None:
+        self.method = load_pte(path)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.method.execute([row])[0] for row in x.split(1)])
 
 
 def _partitioners(backend: ExecuTorchBackend, precision: str) -> list:
@@ -202,7 +236,7 @@ def quantize_pt2e(
     return torch.export.export(converted, example)
 
 
-def delegation_summary(edge_program: Any) -> dict[str, Any]:
+def delegation_summary(edge_program: EdgeProgramManager) -> dict[str, object]:
     """Delegated subgraphs and the ops left outside the delegate, from ``get_delegation_info``."""
     from executorch.devtools.backend_debug import get_delegation_info
 
@@ -269,7 +303,7 @@ def export_executorch(
     edge = to_edge_transform_and_lower(program, partitioner=_partitioners(backend, precision))
     report.delegation = delegation_summary(edge)
     if report.delegation["non_delegated_ops"]:
-        _logger.info("%s %s: ops outside the delegate: %s", tower, backend, report.delegation["non_delegated_ops"])
+        _logger.debug("%s %s: ops outside the delegate: %s", tower, backend, report.delegation["non_delegated_ops"])
     atomic_write_bytes(path, edge.to_executorch().buffer)
     report.file_size = path_size(path)
 

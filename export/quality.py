@@ -8,31 +8,33 @@ call them with the outputs of the FP32 and the int8 programs on the same data:
     quantization_delta(ref, test, text_to_image=caption_image_ids, labels=image_labels)
 
 `embed_with_pte` runs a ``.pte`` over a batch one sample at a time (the programs have batch 1).
+`agreement_delta` is what ``distill export`` records for every int8 artifact when no labelled data is at hand:
+the FP32 towers' own zero-shot predictions and text-to-image matches on held-out images are the labels, so the
+delta is how often int8 changes an answer (reference metrics are 1.0 by construction).
 
 References: CLIP zero-shot protocol (Radford et al., 2021); Flickr/COCO retrieval R@K.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["embed_with_pte", "embedding_metrics", "quantization_delta"]
+__all__ = ["Embedder", "agreement_delta", "embed_with_pte", "embedding_metrics", "quantization_delta"]
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+"""Inputs `[B, ...]` -> embeddings `[B, D]` (an eager tower, a ``.pte``, an ONNX Runtime session)."""
 
 
 def embed_with_pte(path: Path, inputs: Iterable[torch.Tensor]) -> torch.Tensor:
     """Embeddings `[N, D]` of ``inputs`` (each `[1, ...]` or a batch `[B, ...]`, split into rows) from a ``.pte``."""
-    from export.executorch import load_pte
+    from export.executorch import PteRunner  # executorch is heavy: imported when a program is run
 
-    method = load_pte(Path(path))
-    out = []
-    for x in inputs:
-        for row in x.split(1):
-            out.append(method.execute([row])[0])
-    return torch.cat(out)
+    runner = PteRunner(Path(path))
+    return torch.cat([runner(x) for x in inputs])
 
 
 def _recall(sim: torch.Tensor, positives: list[set[int]], ks: tuple[int, ...]) -> dict[int, float]:
@@ -123,3 +125,36 @@ def quantization_delta(
         "delta": {k: tst[k] - ref[k] for k in ref if k in tst},
         "agreement": agreement,
     }
+
+
+@torch.no_grad()
+def agreement_delta(
+    reference: dict[str, Embedder],
+    test: dict[str, Embedder],
+    images: Sequence[torch.Tensor],
+    captions: torch.Tensor,
+    class_prompts: Sequence[torch.Tensor],
+) -> dict[str, dict[str, float]]:
+    """`quantization_delta` with the reference's own answers as labels (zero-shot and text-to-image R@K).
+
+    Args:
+        reference: ``{"image": fn, "text": fn}`` of the reference (FP32) towers.
+        test: The same for the changed (int8) towers (pass a reference tower where only one is quantised).
+        images: Held-out images, each `[1, 3, H, W]` or `[B, 3, H, W]`.
+        captions: Token rows `[M, L]` used as retrieval queries.
+        class_prompts: One `[T, L]` token batch per class (prompt templates), averaged into a class embedding.
+    """
+
+    def embed(fns: dict[str, Embedder]) -> dict[str, torch.Tensor]:
+        image = F.normalize(torch.cat([fns["image"](x) for x in images]).float(), dim=-1)
+        per_class = [F.normalize(F.normalize(fns["text"](t).float(), dim=-1).mean(0), dim=-1) for t in class_prompts]
+        return {
+            "image": image,
+            "text": F.normalize(fns["text"](captions).float(), dim=-1),
+            "classes": torch.stack(per_class),
+        }
+
+    ref, tst = embed(reference), embed(test)
+    labels = (ref["image"] @ ref["classes"].T).argmax(dim=1)  # [N]: the reference's zero-shot answers
+    text_to_image = (ref["text"] @ ref["image"].T).argmax(dim=1)  # [M]: the reference's best image per caption
+    return quantization_delta(ref, tst, text_to_image=text_to_image, labels=labels)

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from export.prepare import (
     ExportLayerNorm,
     L2Norm,
+    TiledGroupedConv,
     TransformerTextEncoder,
     example_inputs,
     prepare_towers,
-    reparameterize_,
+    reparameterize,
 )
 
-STUDENTS = ["test_tiny", "test_tiny_mci", "test_tiny_mct"]
+STUDENTS = ["test_tiny", "test_tiny_mci", "test_tiny_mct", "test_tiny_coca"]
 
 
 @pytest.mark.parametrize("name", STUDENTS)
@@ -36,7 +37,8 @@ def test_wrappers_match_student(make_student, name: str, backend: str) -> None:
         got_txt = text_enc(tokens.to(torch.int32))
     torch.testing.assert_close(got_img, want_img, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_txt, want_txt, atol=1e-5, rtol=1e-4)
-    assert isinstance(text_enc, TransformerTextEncoder)  # both the open_clip tower and MCt take the fast path
+    # the open_clip tower and MCt take the fast path; CoCa's CLS-token tower the generic one (rewritten attention)
+    assert isinstance(text_enc, TransformerTextEncoder) == (name != "test_tiny_coca")
     # the student itself is untouched (deep copy): no folding, same weights
     after = student.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -66,15 +68,17 @@ def test_open_clip_text_variants(causal: bool, pool_type: str) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_reparameterize_folds_fastvit(make_student) -> None:
+@pytest.mark.parametrize("wrap", [False, True])
+def test_reparameterize_folds_fastvit(make_student, wrap: bool) -> None:
+    """Both paths fold: the student's own reparameterize() and timm's walk for a plain module (no such method)."""
     student = make_student("test_tiny_mci")
     x = student.normalize(torch.rand(1, 3, 32, 32))
     with torch.no_grad():
         want = student.visual(x)
-        visual = copy.deepcopy(student.visual)
-        folded = reparameterize_(visual)
+        model = copy.deepcopy(student) if wrap else torch.nn.Sequential(copy.deepcopy(student.visual))
+        reparameterize(model)
+        visual = model.visual if wrap else model[0]
         got = visual(x)
-    assert folded > 0
     # every MobileOne/RepMixer block now runs its single folded convolution
     blocks = [m for m in visual.modules() if hasattr(m, "reparam_conv")]
     assert blocks and all(m.reparam_conv is not None for m in blocks)
@@ -108,3 +112,37 @@ def test_example_inputs_mimic_clip_tokens() -> None:
 def test_prepare_rejects_unknown_backend(make_student) -> None:
     with pytest.raises(ValueError, match="backend"):
         prepare_towers(make_student("test_tiny"), backend="tflite")  # type: ignore[arg-type]
+
+
+def test_coca_towers_keep_the_contrastive_query_only(make_student) -> None:
+    """CoCa towers return (embedding, tokens): the wrappers export the embedding, from the first pooler query."""
+    student = make_student("test_tiny_coca")
+    image_enc, text_enc = prepare_towers(student, backend="xnnpack")
+    assert image_enc.visual.attn_pool.query.shape[0] == 1 and student.visual.attn_pool.query.shape[0] == 16
+    assert not image_enc.visual.output_tokens and student.visual.output_tokens  # the student is untouched
+    image = torch.rand(3, 3, 32, 32)
+    tokens = student.tokenize(["a dog", "two cats on a mat", "x"])  # padded rows: the pad mask matters
+    with torch.no_grad():
+        torch.testing.assert_close(image_enc(image), student.encode_image(student.normalize(image)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(text_enc(tokens.to(torch.int32)), student.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "groups", "cin", "cout"), [(7, 1, 16, 16, 16), (7, 2, 8, 8, 16), (11, 1, 4, 4, 4)]
+)
+def test_tiled_grouped_conv_is_the_same_conv(k: int, stride: int, groups: int, cin: int, cout: int) -> None:
+    """XNNPACK's slow >5x5 grouped convs become sums of 5x5 ones: same outputs, BatchNorm folded in."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=stride == 1)
+    bn = torch.nn.BatchNorm2d(cout).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_(1, 0.2)
+        bn.bias.normal_(0, 0.2)
+    x = torch.randn(2, cin, 19, 21)  # odd, non-square sizes: the views must line up with the strided outputs
+    tiled = TiledGroupedConv(conv, bn)
+    assert TiledGroupedConv.supports(conv) and not TiledGroupedConv.supports(torch.nn.Conv2d(4, 4, 5, groups=4))
+    assert len(tiled.offsets) == ((k + 4) // 5) ** 2
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), bn(conv(x)), atol=1e-5, rtol=1e-5)

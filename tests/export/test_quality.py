@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.quality import embedding_metrics, quantization_delta
+from export.quality import agreement_delta, embedding_metrics, quantization_delta
 
 
 def test_metrics_match_a_direct_computation() -> None:
@@ -39,3 +39,19 @@ def test_quantization_delta() -> None:
     noisy = {k: v + 3 * torch.randn(v.shape, generator=g) for k, v in ref.items()}
     moved = quantization_delta(ref, noisy, labels=labels)
     assert moved["delta"]["zeroshot_top1"] < 0 and moved["agreement"]["image_cosine_mean"] < 0.9
+
+
+def test_agreement_delta_uses_the_reference_answers_as_labels() -> None:
+    g = torch.Generator().manual_seed(2)
+    image_w, text_w = torch.randn(12, 6, generator=g), torch.randn(50, 6, generator=g)
+    reference = {"image": lambda x: x.flatten(1) @ image_w, "text": lambda t: F.one_hot(t, 50).float().mean(1) @ text_w}
+    images = [torch.rand(1, 3, 2, 2, generator=g) for _ in range(8)]
+    captions = torch.randint(0, 50, (6, 4), generator=g)
+    prompts = [torch.randint(0, 50, (2, 4), generator=g) for _ in range(3)]
+    same = agreement_delta(reference, dict(reference), images, captions, prompts)
+    assert same["reference"]["zeroshot_top1"] == 1.0 and same["reference"]["t2i_R@1"] == 1.0
+    assert all(v == 0.0 for v in same["delta"].values())
+    noisy = dict(reference, image=lambda x: reference["image"](x) + 5 * torch.randn(x.shape[0], 6, generator=g))
+    moved = agreement_delta(reference, noisy, images, captions, prompts)
+    assert moved["delta"]["zeroshot_top1"] < 0 or moved["delta"]["t2i_R@1"] < 0
+    assert moved["agreement"]["image_cosine_mean"] < same["agreement"]["image_cosine_mean"]

@@ -1,0 +1,138 @@
+"""Keep converter chatter out of a default ``distill export``: progress bars captured, known-harmless warnings dropped.
+
+What is filtered here is only what this package's own calls trigger (the converters it runs); the process-wide
+logging levels belong to ``distill.cli``. Every filter names the message it drops and says why it is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HarmlessMessages",
+    "captured_fd2",
+    "captured_stderr",
+    "filter_coremltools_warnings",
+    "install_filter",
+    "quiet_loggers",
+]
+
+# tqdm redraws a bar with "\r"; a finished bar ends in a rate ("1124.80 ops/s", "164.58 passes/s")
+_PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\[\d\d:\d\d<")
+
+# Messages coremltools logs at WARNING that say nothing about the exported model (checked with coremltools 9.0).
+# They appear whenever coremltools is imported: by `export.coreml` and by ExecuTorch's CoreML partitioner.
+COREMLTOOLS_HARMLESS = (
+    # the scikit-learn converter is not used here
+    r"scikit-learn version .* is not supported",
+    # coremltools only tests up to an older torch; the export tests check every artifact of the pinned torch
+    r"Torch version .* has not been tested with coremltools",
+    # the native prediction library exists on macOS only; on Linux packages are checked by their spec instead
+    r"Failed to load _ML\w*Proxy",
+    # token ids are int32 by contract (the `text` input); the int64 constants cast are positions and ids < 2**31
+    r"Saving value type of int64 into a builtin type of int32",
+)
+
+
+class HarmlessMessages(logging.Filter):
+    """Drop log records whose message matches one of ``patterns`` (each a documented, harmless message)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.regex = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.regex.search(record.getMessage())
+
+
+def install_filter(logger_name: str, patterns: tuple[str, ...]) -> None:
+    """Attach a `HarmlessMessages` filter to ``logger_name`` once (idempotent)."""
+    target = logging.getLogger(logger_name)
+    if not any(isinstance(f, HarmlessMessages) for f in target.filters):
+        target.addFilter(HarmlessMessages(patterns))
+
+
+@contextlib.contextmanager
+def captured_stderr(source: str) -> Iterator[None]:
+    """Capture what a converter writes to ``sys.stderr``: progress bars go to DEBUG, anything else to WARNING.
+
+    Logging handlers keep their own stream, so our log lines are not affected; C++ code writing to file
+    descriptor 2 directly is out of reach (it is not ``sys.stderr``).
+
+    Args:
+        source: Name used in the re-logged lines (``coremltools``, ``torch.onnx``).
+    """
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        for line in re.split(r"[\r\n]+", buf.getvalue()):
+            if not line.strip():
+                continue
+            if _PROGRESS.search(line):
+                _logger.debug("%s: %s", source, line.strip())
+            else:
+                _logger.warning("%s: %s", source, line.rstrip())
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the level of third-party loggers to at least ``level`` while a converter runs, then restore it.
+
+    Converters log every graph pass at INFO (coremltools, ``onnx_ir`` initializer de-duplication, onnxscript's
+    optimiser); with ``-v`` the CLI sets the root logger to DEBUG and these loggers still follow it afterwards.
+    """
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    try:
+        if not verbose:
+            for lg in loggers:
+                lg.setLevel(max(lg.getEffectiveLevel(), level))
+        yield
+    finally:
+        for lg, old in zip(loggers, before, strict=True):
+            lg.setLevel(old)
+
+
+def filter_coremltools_warnings() -> None:
+    """Drop coremltools' known-harmless warnings (`COREMLTOOLS_HARMLESS`); call before importing coremltools."""
+    install_filter("coremltools", COREMLTOOLS_HARMLESS)
+
+
+@contextlib.contextmanager
+def captured_fd2(source: str, harmless: str) -> Iterator[None]:
+    """Capture what native code writes to file descriptor 2: lines matching ``harmless`` go to DEBUG, others WARNING.
+
+    Keep the window small (one native call): Python's own stderr output inside it is captured too.
+
+    Args:
+        source: Name used in the re-logged lines.
+        harmless: Regex of known-harmless lines (documented by the caller).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace")
+    pattern = re.compile(harmless)
+    for line in text.splitlines():
+        if line.strip():
+            _logger.log(logging.DEBUG if pattern.search(line) else logging.WARNING, "%s: %s", source, line.rstrip())
