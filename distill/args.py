@@ -1,13 +1,16 @@
 """Run-argument groups of `distill train` and `distill eval` (litgpt `args.py` style).
 
 Each dataclass becomes a `--group.field` flag group through jsonargparse; attribute docstrings are the `--help`
-text, and `__post_init__` validates values with messages that name the flag.
+text, and `__post_init__` validates values, raising `mcd_common.UsageError` that names the flag (the CLI prints
+it and exits 2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from mcd_common import UsageError
 
 __all__ = ["DataArgs", "EvalArgs", "InheritArgs", "LossArgs", "OptimArgs", "TrainerArgs"]
 
@@ -55,11 +58,11 @@ class TrainerArgs:
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
-            raise ValueError(f"--trainer.max_steps must be >= 1, got {self.max_steps}")
+            raise UsageError(f"--trainer.max_steps must be >= 1, got {self.max_steps}")
         if self.accumulate_grad_batches < 1:
-            raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+            raise UsageError(f"--trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"--trainer.ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise UsageError(f"--trainer.ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -81,11 +84,11 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"--optim.lr must be > 0, got {self.lr}")
+            raise UsageError(f"--optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"--optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise UsageError(f"--optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
-            raise ValueError(f"--optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UsageError(f"--optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -121,11 +124,11 @@ class DataArgs:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.p_syn_swap <= 1.0:
-            raise ValueError(f"--data.p_syn_swap must be in [0, 1], got {self.p_syn_swap}")
+            raise UsageError(f"--data.p_syn_swap must be in [0, 1], got {self.p_syn_swap}")
         if not 0.0 < self.rrc_scale_min <= 1.0:
-            raise ValueError(f"--data.rrc_scale_min must be in (0, 1], got {self.rrc_scale_min}")
+            raise UsageError(f"--data.rrc_scale_min must be in (0, 1], got {self.rrc_scale_min}")
 
 
 @dataclass
@@ -155,7 +158,7 @@ class LossArgs:
         for name in ("contrastive_weight", "kd_weight", "fd_weight", "icl_weight", "caption_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"--loss.{name} must be >= 0, got {value}")
+                raise UsageError(f"--loss.{name} must be >= 0, got {value}")
 
 
 @dataclass

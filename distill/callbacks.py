@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -34,9 +35,7 @@ class Throughput(pl.Callback):
         self._steps = 0
         self.samples_per_second: float | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        import time
-
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if not trainer.fit_loop._should_accumulate():
             self._steps += 1
             if self._steps == self.warmup:
@@ -57,7 +56,7 @@ class StudentEMA(pl.Callback):
         """
         self.decay = decay
         self.averaged_student: nn.Module | None = None
-        self._pending_state: dict | None = None
+        self._pending_state: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = getattr(pl_module.student, "_orig_mod", pl_module.student)
@@ -67,7 +66,7 @@ class StudentEMA(pl.Callback):
             self._pending_state = None
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         student = getattr(pl_module.student, "_orig_mod", pl_module.student)
         # Warm-up the decay like timm's ModelEmaV3, so early averages are not dominated by the random init.
         step = trainer.global_step
@@ -82,10 +81,10 @@ class StudentEMA(pl.Callback):
         for (_, b_ema), (_, b) in zip(self.averaged_student.named_buffers(), student.named_buffers(), strict=False):
             b_ema.copy_(b)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, object]:
         return {"averaged_student": self.averaged_student.state_dict() if self.averaged_student else None}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
         self._pending_state = state_dict.get("averaged_student")
 
 

@@ -3,15 +3,23 @@
 Subcommand functions live in their owning package and are imported lazily, so `distill --help` and every
 `distill <cmd> --help` work without importing torch-heavy extras (coremltools, executorch, webdataset writers).
 jsonargparse turns each typed signature into flags (`--optim.lr`), `--config x.yaml` and `--print_config`.
+
+Exit codes: 0 success; 1 a job reported problems (`"ok": false`) or an internal error (its traceback is kept);
+2 a usage error (`mcd_common.UsageError`, printed as one line, or a jsonargparse argument error); 128 + N when
+training was stopped by signal N (143 SIGTERM, 130 SIGINT) after saving a resumable checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+
+from jsonargparse import CLI, set_parsing_settings
+
+from mcd_common import UsageError
 
 __all__ = ["main"]
 
@@ -27,14 +35,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _load(name: str) -> Callable[..., Any]:
-    import importlib
-
+def _load(name: str) -> Callable[..., object]:
+    # NOTE: imported by name, and only the subcommand that runs: the modules pull in torch, Lightning, open_clip.
     module, func = SUBCOMMANDS[name]
     return getattr(importlib.import_module(module), func)
 
 
-def _print_result(command: str, result: Any) -> None:
+def _print_result(command: str, result: object) -> None:
     if result is None:
         return
     if isinstance(result, str):
@@ -42,6 +49,8 @@ def _print_result(command: str, result: Any) -> None:
         return
     table = result.pop("_table", None) if isinstance(result, dict) else None
     if command == "eval" and isinstance(result, dict):
+        # NOTE: lazy: distill.evaluate imports torch (already loaded here, since `eval` just ran); at the top it
+        # would make `distill --help` load torch.
         from distill.evaluate import format_results
 
         print(format_results(result))
@@ -58,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         argv: Arguments without the program name (None reads `sys.argv`).
 
     Returns:
-        Process exit code: 0 on success, 2 on a usage/validation error, 1 when a job reports problems.
+        Process exit code: 0 on success, 2 on a usage error, 1 when a job reports problems. Internal errors
+        propagate with their traceback (exit 1); jsonargparse's argument errors exit 2 through `SystemExit`.
     """
-    from jsonargparse import CLI, set_parsing_settings
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -71,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     components = {name: _load(name) for name in names}
     try:
         result = CLI(components, args=args, as_positional=False, prog="distill")
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        # Validation errors name the flag; print them without a traceback.
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"distill {chosen or ''}: error: {msg}", file=sys.stderr)
+    except UsageError as err:
+        # The user can fix it and the message names the flag or path: one line, no traceback.
+        print(f"distill {chosen or ''}: error: {err}", file=sys.stderr)
         return 2
     _print_result(chosen or "", result)
     if isinstance(result, dict) and result.get("ok") is False:
