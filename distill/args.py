@@ -41,8 +41,9 @@ class TrainerArgs:
     """Logging interval in steps."""
     checkpoint_every_n_steps: int | None = None
     """Save a resumable checkpoint every N steps (null: max(50, max_steps // 10))."""
-    default_root_dir: str = "runs/distill"
-    """Output directory: checkpoints, logs, the final student and run.json."""
+    default_root_dir: str | None = None
+    """Output directory: checkpoints, logs, the final student and run.json. null: `runs/<student>-<mode>-<hash of
+    the run identity>`, so rerunning the same command resumes it and a changed run gets a directory of its own."""
     seed: int = 0
     """Global seed (model init, data order, augmentation sampling)."""
     compile: bool = False
@@ -52,7 +53,9 @@ class TrainerArgs:
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); null disables."""
     resume: Literal["auto", "never"] | str = "auto"
-    """`auto` resumes from `<default_root_dir>/checkpoints/last.ckpt` when present; `never`; or a .ckpt path."""
+    """`auto`: resume from the newest readable checkpoint in the run directory (last.ckpt, step*.ckpt, SLURM
+    hpc_ckpt_*.ckpt) if it belongs to the same run (student, mode, loss preset, data, image size, teacher, seed),
+    else refuse; `never`: start over; or a .ckpt path (checked the same way)."""
     enable_progress_bar: bool = True
     """Show Lightning's progress bar."""
 

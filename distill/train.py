@@ -8,6 +8,8 @@ Modes (chosen automatically from the data and `--teacher`, or forced with `--mod
 Weight inheritance (TinyCLIP manual, or automatic L0 pruning) initialises the student from a larger model.
 Outputs in `--trainer.default_root_dir`: Lightning checkpoints (exact resume), CSV/TensorBoard logs, the final
 student in open_clip layout (`student/`), and `run.json` (config, versions, data fingerprint, metrics).
+A run directory holds one run: resume checks the run identity (`distill.run_dir`, docs/GUARANTEES.md); SIGTERM
+and Ctrl-C save a checkpoint of the current step and exit 128 + the signal number.
 
 `train` reads as its table of contents: resolve (mode, data, run directory, checkpoint to resume), build
 (student, objective, data, Lightning system, trainer), fit, finalize (save the student and run.json).
@@ -19,6 +21,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,16 +31,24 @@ import open_clip
 import pytorch_lightning as pl
 import torch
 from open_clip.model import convert_to_custom_text_state_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from distill.args import DataArgs, EvalArgs, InheritArgs, LossArgs, OptimArgs, TrainerArgs
-from distill.callbacks import L0PruningCallback, StudentEMA, Throughput
+from distill.callbacks import L0PruningCallback, SignalCheckpoint, StudentEMA, Throughput
 from distill.data import DataSpec, DistillDataModule, resolve_data
 from distill.losses import DistillLoss
 from distill.module import DistillModule
+from distill.run_dir import (
+    IDENTITY_KEY,
+    AtomicCheckpointIO,
+    HistoryCSVLogger,
+    ResumePoint,
+    default_run_dir,
+    find_resume_point,
+)
 from mcd_common import UsageError
 from mcd_common.files import atomic_write_json, git_sha
-from mcd_common.weights import read_weights
 from students import CLIPStudent, InheritReport, StudentCfg, create_student, inherit_weights, load_student, save_student
 from teachers import TeacherEnsemble, WeightSpec, as_ensemble, create_teacher
 
@@ -73,9 +84,7 @@ def build_loss(
     Raises:
         UsageError: a distillation preset or weight without a teacher, or every weight 0.
     """
-    preset = args.preset
-    if preset == "auto":
-        preset = "mobileclip" if has_teacher else "contrastive"
+    preset = _preset(args, has_teacher)
     if preset != "contrastive" and not has_teacher:
         raise UsageError(f"--loss.preset {preset} distils from a teacher: pass --teacher or reinforced data")
     weights = dict(_PRESETS[preset])
@@ -108,14 +117,27 @@ def build_loss(
     return loss, {**desc, "freeze_student_logit_scale": freeze}
 
 
+def _preset(args: LossArgs, has_teacher: bool) -> str:
+    if args.preset == "auto":
+        return "mobileclip" if has_teacher else "contrastive"
+    return args.preset
+
+
 @dataclass
 class _Run:
-    """What `train` resolved before building anything."""
+    """What `train` resolved before building anything: the data, the mode, the run and where it resumes."""
 
     mode: Mode
     spec: DataSpec
+    model: CLIPStudent
+    """The student as requested (before a resumed checkpoint's pruning or automatic inheritance)."""
+    identity: dict[str, object]
     root: Path
-    ckpt_path: str | None
+    resume: ResumePoint | None
+
+    @property
+    def ckpt_path(self) -> str | None:
+        return str(self.resume.path) if self.resume is not None else None
 
 
 @dataclass
@@ -175,11 +197,11 @@ def train(
     }
     pl.seed_everything(trainer.seed, workers=True)
     # resolve
-    run = _resolve(mode, teacher, data, trainer)
+    _check_paths(student, student_weights, teacher_weights)
+    model = _requested_student(student, image_size, context_length)
+    run = _resolve(student, model, mode, teacher, teacher_weights, data, loss, trainer, inherit)
     # build
-    model, inherit_report = _build_student(
-        run, student, teacher, inherit, student_weights, teacher_weights, image_size, context_length
-    )
+    model, inherit_report = _build_student(run, teacher, inherit, student_weights, teacher_weights)
     objective = _build_objective(run, loss, teacher, teacher_weights, model.embed_dim)
     dm = DistillDataModule(
         run.spec, data, model, mode=run.mode, seed=trainer.seed, val=val, accumulate=trainer.accumulate_grad_batches
@@ -193,29 +215,62 @@ def train(
         "data": asdict(data),
         "trainer": asdict(trainer),
         "schema_version": run.spec.schema_version,
+        IDENTITY_KEY: run.identity,
     }
     module = _build_module(model, objective, dm, optim, loss, trainer, hparams)
     callbacks = _callbacks(trainer, inherit, run.root, dm.samples_per_step)
-    pl_trainer = _build_trainer(trainer, run.root, callbacks)
+    pl_trainer = _build_trainer(trainer, run, callbacks)
     # fit
-    if run.ckpt_path:
-        _logger.info("resuming from %s", run.ckpt_path)
     fit_t0 = time.time()
-    pl_trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path)
+    interrupted = _fit(pl_trainer, module, dm, run, callbacks)
     # finalize
     summary = _summary(run, pl_trainer, callbacks, objective, student, teacher, time.time() - fit_t0)
     if inherit_report is not None:
         summary["inheritance"] = inherit_report.summary()
+    if interrupted is not None:
+        summary["interrupted"] = signal.Signals(interrupted).name
     if pl_trainer.is_global_zero:
-        _save_outputs(run, module, callbacks, summary, config, model.cfg, t0)
+        _save_outputs(run, module, callbacks, summary, config, model.cfg, t0, save_model=interrupted is None)
+    if interrupted is not None:
+        raise SystemExit(128 + interrupted)
     return summary
 
 
 # ------------------------------------------------------------------------------------------------------- resolve
 
 
-def _resolve(mode: str, teacher: str | None, data: DataArgs, trainer: TrainerArgs) -> _Run:
-    """The data, the mode it implies, the run directory and the checkpoint to resume from (if any)."""
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("local-dir:", ".", "~", "/")) or os.sep in name
+
+
+def _check_paths(student: str, student_weights: str | None, teacher_weights: str | None) -> None:
+    """Paths the user typed exist (before anything is built), each error naming its flag."""
+    if _looks_like_path(student) and not Path(student.removeprefix("local-dir:")).expanduser().exists():
+        raise UsageError(f"--student {student}: no such directory (a saved student directory or a registered name)")
+    for flag, value in (("--student_weights", student_weights), ("--teacher_weights", teacher_weights)):
+        if value and not Path(value).expanduser().exists():
+            raise UsageError(f"{flag} {value}: no such file or directory")
+
+
+def _requested_student(student: str, image_size: int | None, context_length: int | None) -> CLIPStudent:
+    src = Path(student.removeprefix("local-dir:")).expanduser()
+    if src.exists():
+        return load_student(src)
+    return create_student(student, image_size=image_size, context_length=context_length)
+
+
+def _resolve(
+    student: str,
+    model: CLIPStudent,
+    mode: str,
+    teacher: str | None,
+    teacher_weights: str | None,
+    data: DataArgs,
+    loss: LossArgs,
+    trainer: TrainerArgs,
+    inherit: InheritArgs,
+) -> _Run:
+    """The data and the mode it implies, the run's identity, its directory and the checkpoint it resumes."""
     spec = resolve_data(data)
     if mode == "auto":
         mode = "reinforced" if spec.reinforced else ("online" if teacher else "scratch")
@@ -225,50 +280,69 @@ def _resolve(mode: str, teacher: str | None, data: DataArgs, trainer: TrainerArg
         raise UsageError("--mode online needs --teacher")
     if mode == "scratch" and teacher:
         _logger.warning("--mode scratch ignores --teacher %s", teacher)
-    root = Path(trainer.default_root_dir).expanduser()
-    return _Run(mode=mode, spec=spec, root=root, ckpt_path=_resume_path(trainer.resume, root))
+    identity = _identity(student, model, mode, teacher, teacher_weights, spec, data, loss, trainer, inherit)
+    if trainer.default_root_dir:
+        root = Path(trainer.default_root_dir).expanduser()
+    else:
+        root = default_run_dir(identity, model.cfg.name, mode)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--trainer.default_root_dir {root}: is a file, not a directory; pass a directory")
+    resume = find_resume_point(trainer.resume, root, identity)
+    _logger.info("run directory: %s (%s)", root, f"resuming {resume.path}" if resume else "new run")
+    return _Run(mode=mode, spec=spec, model=model, identity=identity, root=root, resume=resume)
 
 
-def _resume_path(resume: str, root: Path) -> str | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        last = root / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--trainer.resume {resume}: no such checkpoint")
-    return str(path)
+def _identity(
+    student: str,
+    model: CLIPStudent,
+    mode: str,
+    teacher: str | None,
+    teacher_weights: str | None,
+    spec: DataSpec,
+    data: DataArgs,
+    loss: LossArgs,
+    trainer: TrainerArgs,
+    inherit: InheritArgs,
+) -> dict[str, object]:
+    """What makes a run this run: resuming a checkpoint with another identity would silently mix two runs."""
+    if mode == "online":
+        teacher_id: str | None = teacher + (f" ({Path(teacher_weights).resolve()})" if teacher_weights else "")
+    elif mode == "reinforced":
+        teacher_id = ",".join(sorted(spec.teacher_dims()))  # the shards' teachers, whatever --teacher says
+    else:
+        teacher_id = None
+    src = Path(student.removeprefix("local-dir:")).expanduser()
+    return {
+        "student": str(src.resolve()) if src.exists() else student,
+        "student_cfg": model.cfg.to_dict(),
+        "mode": mode,
+        "loss_preset": _preset(loss, has_teacher=mode != "scratch"),
+        "teacher": teacher_id,
+        "data_path": os.path.abspath(os.path.expanduser(data.path)) if data.path else f"embedded:{spec.source}",
+        "data_fingerprint": spec.fingerprint(),
+        "image_size": model.image_size,
+        "context_length": model.context_length,
+        "inherit": f"{inherit.mode}:{inherit.source}" if inherit.source else None,
+        "seed": trainer.seed,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- build
 
 
 def _build_student(
-    run: _Run,
-    student: str,
-    teacher: str | None,
-    inherit: InheritArgs,
-    student_weights: str | None,
-    teacher_weights: str | None,
-    image_size: int | None,
-    context_length: int | None,
+    run: _Run, teacher: str | None, inherit: InheritArgs, student_weights: str | None, teacher_weights: str | None
 ) -> tuple[CLIPStudent, InheritReport | None]:
-    """The student to train (registered, saved, or as pruned in the checkpoint), and the manual-inheritance report."""
-    src = Path(student.removeprefix("local-dir:")).expanduser()
-    model = (
-        load_student(src)
-        if src.exists()
-        else create_student(student, image_size=image_size, context_length=context_length)
-    )
-    resumed_cfg = _checkpoint_student_cfg(run.ckpt_path) if run.ckpt_path else None
-    if resumed_cfg is not None and resumed_cfg != model.cfg.to_dict():
+    """The student to train (as requested, or as pruned in the checkpoint), and the manual-inheritance report."""
+    model = run.model
+    resumed_cfg = run.resume.hparams.get("student_cfg") if run.resume is not None else None
+    if isinstance(resumed_cfg, dict) and resumed_cfg != model.cfg.to_dict():
         # The checkpoint holds a structurally different student (pruned by automatic inheritance): rebuild it.
         _logger.info("resuming a pruned student: %s", resumed_cfg.get("name"))
         model = CLIPStudent(StudentCfg.from_dict(resumed_cfg))
     if student_weights:
         model.load_state_dict(load_student(Path(student_weights)).state_dict())
-    if not inherit.source or run.ckpt_path is not None:
+    if not inherit.source or run.resume is not None:
         return model, None
     source = _inherit_source(inherit.source, teacher, teacher_weights)
     if inherit.mode == "auto":
@@ -278,12 +352,6 @@ def _build_student(
     report = inherit_weights(model, source.state_dict(), source_cfg=source.cfg)
     _logger.info("weight inheritance: %s", report.summary())
     return model, report
-
-
-def _checkpoint_student_cfg(path: str) -> dict | None:
-    ckpt = read_weights(path, what="--trainer.resume checkpoint")
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    return hparams.get("student_cfg") if isinstance(hparams, dict) else None
 
 
 def _inherit_source(source: str, teacher: str | None, teacher_weights: str | None) -> CLIPStudent:
@@ -381,6 +449,7 @@ def _callbacks(args: TrainerArgs, inherit: InheritArgs, root: Path, samples_per_
         ),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
         Throughput(samples_per_step),
+        SignalCheckpoint(root / "checkpoints" / "last.ckpt"),
     ]
     if args.ema_decay is not None:
         cbs.append(StudentEMA(args.ema_decay))
@@ -389,9 +458,10 @@ def _callbacks(args: TrainerArgs, inherit: InheritArgs, root: Path, samples_per_
     return cbs
 
 
-def _build_trainer(args: TrainerArgs, root: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+def _build_trainer(args: TrainerArgs, run: _Run, callbacks: list[pl.Callback]) -> pl.Trainer:
+    root = run.root
     loggers = [
-        pl.loggers.CSVLogger(root, name="logs", version=""),
+        HistoryCSVLogger(root, start_step=run.resume.global_step if run.resume else 0),
         pl.loggers.TensorBoardLogger(root, name="tb", version=""),
     ]
     return pl.Trainer(
@@ -409,11 +479,30 @@ def _build_trainer(args: TrainerArgs, root: Path, callbacks: list[pl.Callback]) 
         default_root_dir=root,
         callbacks=callbacks,
         logger=loggers,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=args.enable_progress_bar,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # NOTE: our resumable sampler shards by rank itself
         deterministic=False,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------- fit
+
+
+def _fit(
+    pl_trainer: pl.Trainer, module: DistillModule, dm: DistillDataModule, run: _Run, callbacks: list[pl.Callback]
+) -> int | None:
+    """Run Lightning's fit; returns the signal number when SIGTERM/SIGINT stopped it (after saving a checkpoint)."""
+    guard = _one(callbacks, SignalCheckpoint)
+    try:
+        # NOTE: weights_only=True: resume never unpickles (our checkpoint I/O enforces it too).
+        pl_trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=True)
+    except SIGTERMException:
+        return guard.signum or signal.SIGTERM
+    finally:
+        guard.restore()  # NOTE: Lightning's own teardown re-installs the handlers it found, ours included
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ finalize
@@ -440,6 +529,7 @@ def _summary(
         "teacher": teacher,
         "steps": int(pl_trainer.global_step),
         "resumed_from": run.ckpt_path,
+        "identity": run.identity,
         "fit_seconds": round(fit_seconds, 2),
         "samples_per_second": round(speed.samples_per_second, 2) if speed.samples_per_second else None,
         "metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")},
@@ -463,11 +553,16 @@ def _save_outputs(
     config: dict[str, object],
     student_cfg: StudentCfg,
     t0: float,
+    *,
+    save_model: bool,
 ) -> None:
-    """Rank zero: the final student in open_clip layout and run.json (summary + config + provenance)."""
-    save_student(_final_student(module, callbacks), run.root / "student")
-    summary["student_dir"] = str(run.root / "student")
-    summary["checkpoint"] = _one(callbacks, pl.callbacks.ModelCheckpoint).last_model_path or None
+    """Rank zero: the final student in open_clip layout (not for an interrupted run) and run.json."""
+    if save_model:
+        save_student(_final_student(module, callbacks), run.root / "student")
+        summary["student_dir"] = str(run.root / "student")
+        summary["checkpoint"] = _one(callbacks, pl.callbacks.ModelCheckpoint).last_model_path or None
+    else:
+        summary["checkpoint"] = str(_one(callbacks, SignalCheckpoint).last_path)
     record = {
         **summary,
         "config": config,
