@@ -5,9 +5,12 @@ Both runs train the same student, at the same size and batch, through the real `
   kd       the same images reinforced by `distill build-data` (K stored views, teacher embeddings, the other real
            captions stored as alternatives), MobileCLIP KD loss on the real and one extra caption.
 Runs are interleaved (scratch, kd, scratch, kd, ...) and, with several `--tree`s (other checkouts of this repo, e.g. a
-`git archive` of the code before a change), interleaved across trees too, so a noisy shared machine hits every cell
-alike. Each run's step time is the median interval between consecutive logged steps (TensorBoard event times, first
-interval dropped); the table quotes the median over repeats.
+`git archive` of the code before a change), interleaved across trees too, with the order rotated every repeat, so a
+noisy shared machine hits every cell alike. Each run's step time is the median interval between consecutive logged
+steps (TensorBoard event times, first interval dropped); the table quotes the median over repeats.
+
+With `--breakdown` it also times, in-process for this checkout, the loader alone (no workers) and the compute alone
+(forward + loss + backward + AdamW on a batch in memory), which tells a loader-bound step from a compute-bound one.
 
 Usage: python benchmarks/kd_step_ratio.py [--tree before=/tmp/before --tree after=.] [--repeats 3 --steps 30]
 Writes benchmarks/out/kd_step_ratio.json.
@@ -18,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +70,54 @@ def step_seconds(run: Path) -> float:
     return statistics.median(per_step[1:])
 
 
+def breakdown(plain: Path, reinforced: Path, a: argparse.Namespace, rounds: int = 12) -> dict[str, dict[str, float]]:
+    """In this process (this checkout): loader seconds per batch (no workers) and compute seconds per step on a
+    batch already in memory (forward, loss, backward, AdamW), scratch and kd alternated `rounds` times; medians."""
+    import torch
+
+    from distill.args import DataArgs, EvalArgs, LossArgs, OptimArgs
+    from distill.data import DistillDataModule, resolve_data
+    from distill.module import DistillModule
+    from distill.train import build_loss
+    from students import create_student
+
+    torch.set_num_threads(1)
+    setups = {}
+    for mode, path in (("scratch", plain), ("kd", reinforced)):
+        data = DataArgs(path=str(path), batch_size=a.batch_size, num_workers=0)
+        spec, kd = resolve_data(data), mode == "kd"
+        torch.manual_seed(0)
+        model = create_student(a.student, image_size=a.image_size)
+        loss, _ = build_loss(
+            LossArgs(preset="mobileclip" if kd else "contrastive"), has_teacher=kd,
+            teacher_scales=spec.teacher_scales() if kd else {}, teacher_dims=spec.teacher_dims() if kd else {},
+            student_dim=model.embed_dim,
+        )  # fmt: skip
+        dm = DistillDataModule(spec, data, model, mode="reinforced" if kd else "scratch", seed=0, val=EvalArgs())
+        dm.setup("fit")
+        module = DistillModule(model, None, loss, OptimArgs(), max_steps=100)
+        setups[mode] = (iter(dm.train_dataloader()), module, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    times: dict[str, dict[str, list[float]]] = {m: {"load": [], "compute": []} for m in setups}
+    for _ in range(rounds):
+        for mode, (it, module, opt) in setups.items():
+            t = time.perf_counter()
+            batch = next(it)
+            times[mode]["load"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = module(batch["image"], batch["text"], batch.get("syn_text"))
+            sum(module._loss_terms(out, batch).values()).backward()
+            opt.step()
+            opt.zero_grad()
+            times[mode]["compute"].append(time.perf_counter() - t)
+    result = {}
+    for mode, t in times.items():
+        result[mode] = {k + "_s": statistics.median(v[2:]) for k, v in t.items()}  # NOTE: 2 warm-up rounds dropped
+        print(f"{mode:>8}: loader {result[mode]['load_s']:.4f} s/batch, compute {result[mode]['compute_s']:.4f} s/step")
+    for k in ("load_s", "compute_s"):
+        print(f"kd / scratch {k}: {result['kd'][k] / result['scratch'][k]:.3f}", flush=True)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", default=[], help="name=path of a checkout to time (default: this one)")
@@ -75,6 +128,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n_train", type=int, default=1024)
     p.add_argument("--work", type=Path, default=Path("/tmp/kd_step_ratio"))
+    p.add_argument("--modes", default="scratch,kd", help="comma list of scratch, kd (default both)")
+    p.add_argument("--breakdown", action="store_true", help="also time loader and compute apart, in this process")
     a = p.parse_args()
     trees = dict(t.split("=", 1) for t in a.tree) or {"this": str(ROOT)}
     plain, reinforced = prepare(a.work, a.n_train)
@@ -86,19 +141,29 @@ def main() -> None:
         "scratch": ["--mode", "scratch", "--loss.preset", "contrastive", "--data.path", str(plain)],
         "kd": ["--mode", "reinforced", "--data.path", str(reinforced)],
     }
+    modes = {m: modes[m] for m in a.modes.split(",")}
     times: dict[str, dict[str, list[float]]] = {t: {m: [] for m in modes} for t in trees}
+    cells = [(tree, mode) for tree in trees for mode in modes]
     for r in range(a.repeats):
-        for tree, path in trees.items():
-            for mode, extra in modes.items():
-                run = a.work / "runs" / f"{tree}-{mode}-{r}"
-                _distill(Path(path), ["train", *common, *extra, "--trainer.default_root_dir", str(run)])
-                times[tree][mode].append(step_seconds(run))
-                print(f"repeat {r} {tree:>8} {mode:>8}: {times[tree][mode][-1]:.4f} s/step", flush=True)
+        # NOTE: the cell order rotates every repeat: a run right after another one was measurably slower here.
+        for tree, mode in cells[r % len(cells) :] + cells[: r % len(cells)]:
+            run = a.work / "runs" / f"{tree}-{mode}-{r}"
+            shutil.rmtree(run, ignore_errors=True)  # a fresh run each time (no resume of an earlier one)
+            _distill(Path(trees[tree]), ["train", *common, *modes[mode], "--trainer.default_root_dir", str(run)])
+            times[tree][mode].append(step_seconds(run))
+            print(f"repeat {r} {tree:>8} {mode:>8}: {times[tree][mode][-1]:.4f} s/step", flush=True)
     result = {"args": {k: str(v) for k, v in vars(a).items()}, "trees": {}}
-    for tree, by_mode in times.items():
+    if a.breakdown:
+        result["breakdown"] = breakdown(plain, reinforced, a)
+    for tree, by_mode in times.items() if a.repeats else ():
         med = {m: statistics.median(v) for m, v in by_mode.items()}
-        result["trees"][tree] = {"step_seconds": by_mode, "median": med, "kd_vs_scratch": med["kd"] / med["scratch"]}
-        print(f"{tree}: scratch {med['scratch']:.4f} s, kd {med['kd']:.4f} s, ratio {med['kd'] / med['scratch']:.3f}")
+        ratio = med["kd"] / med["scratch"] if len(med) == 2 else None
+        result["trees"][tree] = {"step_seconds": by_mode, "median": med, "kd_vs_scratch": ratio}
+        print(
+            f"{tree}: "
+            + ", ".join(f"{m} {v:.4f} s" for m, v in med.items())
+            + (f", ratio {ratio:.3f}" if ratio else "")
+        )
     out = ROOT / "benchmarks" / "out" / "kd_step_ratio.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

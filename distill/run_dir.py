@@ -106,11 +106,11 @@ def identity_changes(old: dict[str, object], new: dict[str, object]) -> list[str
 def _legacy_identity(hparams: dict[str, object]) -> dict[str, object]:
     """The identity keys a checkpoint written before identities were recorded still allows checking."""
     data, loss = hparams.get("data"), hparams.get("loss")
-    out = {"mode": hparams.get("mode"), "teacher": hparams.get("teacher_name"), "student": hparams.get("student")}
+    out = {"mode": hparams.get("mode")}
     if isinstance(loss, dict):
         out["loss_preset"] = loss.get("preset")
-    if isinstance(data, dict):
-        out["data_path"] = data.get("path")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        out["data_path"] = os.path.abspath(os.path.expanduser(data["path"]))  # as `distill.train` records it
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -186,15 +186,9 @@ def train(
         A summary: output paths, steps, wall time, throughput and final validation metrics.
     """
     t0 = time.time()
-    config = {
-        "student": student,
-        "teacher": teacher,
-        "mode": mode,
-        **{k: asdict(v) for k, v in (("data", data), ("loss", loss), ("optim", optim), ("trainer", trainer))},
-        **{k: asdict(v) for k, v in (("inherit", inherit), ("val", val))},
-        "image_size": image_size,
-        "context_length": context_length,
-    }
+    groups = {"data": data, "loss": loss, "optim": optim, "trainer": trainer, "inherit": inherit, "val": val}
+    config = {"student": student, "teacher": teacher, "mode": mode, "image_size": image_size}
+    config |= {"context_length": context_length, **{k: asdict(v) for k, v in groups.items()}}
     pl.seed_everything(trainer.seed, workers=True)
     # resolve
     _check_paths(student, student_weights, teacher_weights)
@@ -206,17 +200,9 @@ def train(
     dm = DistillDataModule(
         run.spec, data, model, mode=run.mode, seed=trainer.seed, val=val, accumulate=trainer.accumulate_grad_batches
     )
-    hparams = {
-        "student_cfg": model.cfg.to_dict(),
-        "student": student,
-        "teacher_name": teacher,
-        "mode": run.mode,
-        "loss": objective.desc,
-        "data": asdict(data),
-        "trainer": asdict(trainer),
-        "schema_version": run.spec.schema_version,
-        IDENTITY_KEY: run.identity,
-    }
+    hparams = {"student_cfg": model.cfg.to_dict(), "student": student, "teacher_name": teacher, "mode": run.mode}
+    hparams |= {"loss": objective.desc, "data": asdict(data), "trainer": asdict(trainer), IDENTITY_KEY: run.identity}
+    hparams["schema_version"] = run.spec.schema_version
     module = _build_module(model, objective, dm, optim, loss, trainer, hparams)
     callbacks = _callbacks(trainer, inherit, run.root, dm.samples_per_step)
     pl_trainer = _build_trainer(trainer, run, callbacks)
@@ -529,7 +515,6 @@ def _summary(
         "teacher": teacher,
         "steps": int(pl_trainer.global_step),
         "resumed_from": run.ckpt_path,
-        "identity": run.identity,
         "fit_seconds": round(fit_seconds, 2),
         "samples_per_second": round(speed.samples_per_second, 2) if speed.samples_per_second else None,
         "metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")},
@@ -566,6 +551,7 @@ def _save_outputs(
     record = {
         **summary,
         "config": config,
+        "identity": run.identity,
         "student_cfg": student_cfg.to_dict(),
         "data_fingerprint": run.spec.fingerprint(),
         "versions": _versions(),

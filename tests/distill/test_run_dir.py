@@ -192,6 +192,16 @@ def test_resume_picks_the_newest_readable_checkpoint(tmp_path):
         find_resume_point("auto", tmp_path, {**ident, "image_size": 64})
 
 
+def test_checkpoints_from_before_identities_are_checked_on_what_they_record(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    legacy = {"mode": "reinforced", "loss": {"preset": "mobileclip"}, "data": {"path": str(tmp_path / "shards")}}
+    torch.save({"global_step": 3, "hyper_parameters": legacy}, tmp_path / "checkpoints" / "last.ckpt")
+    new = {"mode": "reinforced", "loss_preset": "mobileclip", "data_path": str(tmp_path / "shards"), "seed": 0}
+    assert find_resume_point("auto", tmp_path, new).global_step == 3
+    with pytest.raises(UsageError, match="mode: 'reinforced' -> 'scratch'"):
+        find_resume_point("auto", tmp_path, {**new, "mode": "scratch", "loss_preset": "contrastive"})
+
+
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 
