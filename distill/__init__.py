@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from teachers.local_dir import register_local_dir_backend
 from teachers.registry import TeacherCfg
@@ -36,6 +36,7 @@ _LAZY = {
     "DataArgs": "distill.args",
     "EvalArgs": "distill.args",
     "InheritArgs": "distill.args",
+    "LockArgs": "distill.args",
     "LossArgs": "distill.args",
     "OptimArgs": "distill.args",
     "TrainerArgs": "distill.args",
@@ -56,7 +57,7 @@ def _build_student_teacher(cfg: TeacherCfg, directory: Path) -> Teacher:
 register_local_dir_backend("students", accepts=_is_student_only_dir, build=_build_student_teacher)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'distill' has no attribute {name!r}")

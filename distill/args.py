@@ -1,7 +1,8 @@
 """Run-argument groups of `distill train` and `distill eval` (litgpt `args.py` style).
 
 Each dataclass becomes a `--group.field` flag group through jsonargparse; attribute docstrings are the `--help`
-text, and `__post_init__` validates values with messages that name the flag.
+text, and `__post_init__` validates values, raising `mcd_common.UsageError` that names the flag (the CLI prints
+it and exits 2).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class TrainerArgs:
     """Logging interval in steps."""
     checkpoint_every_n_steps: int | None = None
     """Save a resumable checkpoint every N steps (null: max(50, max_steps // 10))."""
-    default_root_dir: str = "runs/distill"
-    """Output directory: checkpoints, logs, the final student and run.json."""
+    default_root_dir: str | None = None
+    """Output directory: checkpoints, logs, the final student and run.json. null: `runs/<student>-<mode>-<hash of
+    the run identity>`, so rerunning the same command resumes it and a changed run gets a directory of its own."""
     seed: int = 0
     """Global seed (model init, data order, augmentation sampling)."""
     compile: bool = False
@@ -51,17 +53,19 @@ class TrainerArgs:
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); null disables."""
     resume: Literal["auto", "never"] | str = "auto"
-    """`auto` resumes from `<default_root_dir>/checkpoints/last.ckpt` when present; `never`; or a .ckpt path."""
+    """`auto`: resume from the newest readable checkpoint in the run directory (last.ckpt, step*.ckpt, SLURM
+    hpc_ckpt_*.ckpt) if it belongs to the same run (student, mode, loss preset, data, image size, teacher, seed),
+    else refuse; `never`: start over; or a .ckpt path (checked the same way)."""
     enable_progress_bar: bool = True
     """Show Lightning's progress bar."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
-            raise ValueError(f"--trainer.max_steps must be >= 1, got {self.max_steps}")
+            raise UsageError(f"--trainer.max_steps must be >= 1, got {self.max_steps}")
         if self.accumulate_grad_batches < 1:
-            raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+            raise UsageError(f"--trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"--trainer.ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise UsageError(f"--trainer.ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -83,11 +87,11 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"--optim.lr must be > 0, got {self.lr}")
+            raise UsageError(f"--optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"--optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise UsageError(f"--optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
-            raise ValueError(f"--optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UsageError(f"--optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -123,11 +127,11 @@ class DataArgs:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.p_syn_swap <= 1.0:
-            raise ValueError(f"--data.p_syn_swap must be in [0, 1], got {self.p_syn_swap}")
+            raise UsageError(f"--data.p_syn_swap must be in [0, 1], got {self.p_syn_swap}")
         if not 0.0 < self.rrc_scale_min <= 1.0:
-            raise ValueError(f"--data.rrc_scale_min must be in (0, 1], got {self.rrc_scale_min}")
+            raise UsageError(f"--data.rrc_scale_min must be in (0, 1], got {self.rrc_scale_min}")
 
 
 @dataclass
@@ -157,7 +161,7 @@ class LossArgs:
         for name in ("contrastive_weight", "kd_weight", "fd_weight", "icl_weight", "caption_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"--loss.{name} must be >= 0, got {value}")
+                raise UsageError(f"--loss.{name} must be >= 0, got {value}")
 
 
 @dataclass

@@ -11,21 +11,64 @@ Prints a summary table and writes `summary.json`. Every step is the same code pa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import torch
+
+from distill.args import DataArgs, EvalArgs, LossArgs, OptimArgs, TrainerArgs
+from distill.evaluate import evaluate
+from distill.train import train
+from export.api import export as export_fn
+from export.bench import bench
+from mcd_common.files import atomic_write_json
+from reinforced_data.build import BuildArgs, build_data
+from reinforced_data.shapes import CorpusCfg, write_shapes_corpus
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["demo"]
 
 
-def _step(title: str) -> float:
-    print(f"\n=== {title}", flush=True)
-    return time.time()
+@dataclass
+class _Demo:
+    """The demo's resolved settings, shared by its steps, and what they produced."""
+
+    out: Path
+    teacher: str
+    student: str
+    image_size: int
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    num_augs: int
+    num_workers: int
+    seed: int
+    quick: bool
+    summary: dict[str, object] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def step(self, title: str) -> float:
+        print(f"\n=== {title}", flush=True)
+        return time.time()
+
+    def train_run(self, name: str, student: str, steps: int, data: DataArgs, val: EvalArgs, **kw: object) -> dict:
+        """One `distill train` run in `<out>/runs/<name>` with the demo's schedule."""
+        trainer = TrainerArgs(
+            max_steps=steps,
+            default_root_dir=str(self.out / "runs" / name),
+            seed=self.seed,
+            log_every_n_steps=max(1, min(20, steps // 5)),
+            enable_progress_bar=False,
+            checkpoint_every_n_steps=max(1, steps),
+        )
+        optim = OptimArgs(lr=2e-3, warmup_steps=max(1, steps // 10), weight_decay=0.1)
+        return train(
+            student=student, trainer=trainer, optim=optim, val=val, image_size=self.image_size, data=data, **kw
+        )
 
 
 def demo(
@@ -61,134 +104,110 @@ def demo(
     Returns:
         The summary (also written to `<out>/summary.json`).
     """
-    import torch
-
-    from distill.args import DataArgs, EvalArgs, LossArgs, OptimArgs, TrainerArgs
-    from distill.evaluate import evaluate
-    from distill.train import train
-    from reinforced_data.shapes import CorpusCfg, write_shapes_corpus
-
     cores = os.cpu_count() or 1
     if num_workers is None:
         num_workers = 1 if cores <= 2 else 2
     # NOTE: oversubscribing cores (torch threads + loader workers) makes OpenMP spin-waits dominate on small CPUs.
     torch.set_num_threads(max(1, cores - num_workers))
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    corpus_cfg = CorpusCfg(n_train=256, n_val=64, n_zeroshot_per_class=2, shard_size=128) if quick else CorpusCfg()
     if quick:
         teacher, student, image_size = "test_tiny", "test_tiny", 32
         teacher_steps, student_steps, batch_size, num_augs = 3, 3, 16, 2
-    summary: dict[str, Any] = {
-        "out": str(out),
-        "teacher_arch": teacher,
-        "student_arch": student,
-        "image_size": image_size,
-        "teacher_steps": teacher_steps,
-        "student_steps": student_steps,
-        "batch_size": batch_size,
-        "torch_threads": torch.get_num_threads(),
-        "num_workers": num_workers,
-    }
-    times: dict[str, float] = {}
+    d = _Demo(
+        Path(out).expanduser(), teacher, student, image_size, teacher_steps, student_steps, batch_size, num_augs,
+        num_workers, seed, quick,
+    )  # fmt: skip
+    d.out.mkdir(parents=True, exist_ok=True)
+    d.summary.update(
+        out=str(d.out), teacher_arch=teacher, student_arch=student, image_size=image_size,
+        teacher_steps=teacher_steps, student_steps=student_steps, batch_size=batch_size,
+        torch_threads=torch.get_num_threads(), num_workers=num_workers,
+    )  # fmt: skip
     t_all = time.time()
-
-    t = _step("1/5 embedded corpus")
-    corpus = out / "corpus"
-    meta = write_shapes_corpus(corpus, corpus_cfg)
-    times["corpus"] = time.time() - t
-    print(f"{meta['num_samples']} samples, {len(meta['classes'])} zero-shot classes -> {corpus}")
-    data = DataArgs(batch_size=batch_size, num_workers=num_workers, corpus_dir=str(corpus), rrc_scale_min=0.35)
-    val = EvalArgs(zeroshot=str(corpus / "zeroshot"), retrieval=str(corpus / "val"))
-
-    def run(name: str, **kw: Any) -> dict:
-        steps = kw.pop("steps")
-        trainer = TrainerArgs(
-            max_steps=steps,
-            default_root_dir=str(out / "runs" / name),
-            seed=seed,
-            log_every_n_steps=max(1, min(20, steps // 5)),
-            enable_progress_bar=False,
-            checkpoint_every_n_steps=max(1, steps),
-        )
-        optim = OptimArgs(lr=kw.pop("lr", 2e-3), warmup_steps=max(1, steps // 10), weight_decay=0.1)
-        return train(trainer=trainer, optim=optim, val=val, **kw)
-
-    t = _step(f"2/5 train the demo teacher ({teacher}, scratch, {teacher_steps} steps)")
-    res_t = run(
-        "teacher",
-        student=teacher,
-        steps=teacher_steps,
-        image_size=image_size,
-        data=data,
-        loss=LossArgs(preset="contrastive"),
-    )
-    times["teacher_train"] = time.time() - t
-    teacher_dir = Path(res_t["student_dir"])
-    summary["teacher"] = evaluate(teacher=f"local-dir:{teacher_dir}", data=val)
-
-    t = _step(f"3/5 build-data: reinforce the corpus with the teacher ({num_augs} augmentations per image)")
-    from reinforced_data.build import BuildArgs, build_data
-
-    reinforced = out / "reinforced"
-    build = BuildArgs(
-        num_augs=num_augs, num_syn=0, batch_size=128, num_workers=num_workers, seed=seed, scale_min=0.35, progress=False
-    )
-    summary["build_data"] = build_data(
-        out=reinforced, input=str(corpus / "train"), teacher=f"local-dir:{teacher_dir}", build=build
-    )
-    times["build_data"] = time.time() - t
-
-    t = _step(f"4/5 train the student ({student}) from reinforced shards, and from scratch ({student_steps} steps)")
-    res_kd = run(
-        "student_kd",
-        student=student,
-        steps=student_steps,
-        image_size=image_size,
-        data=DataArgs(path=str(reinforced), batch_size=batch_size, num_workers=num_workers),
-    )
-    times["student_kd_train"] = time.time() - t
-    t2 = time.time()
-    res_sc = run(
-        "student_scratch",
-        student=student,
-        steps=student_steps,
-        image_size=image_size,
-        data=data,
-        loss=LossArgs(preset="contrastive"),
-    )
-    times["student_scratch_train"] = time.time() - t2
-    summary["student_kd"] = evaluate(student=res_kd["student_dir"], data=val)
-    summary["student_scratch"] = evaluate(student=res_sc["student_dir"], data=val)
-
+    meta, data, val = _corpus(d)
+    teacher_dir = _teacher(d, data, val)
+    reinforced = _reinforce(d, teacher_dir)
+    kd_dir = _students(d, data, val, reinforced)
     if export:
-        t = _step("5/5 export (ExecuTorch + CoreML + app bundle) and bench")
-        from export.api import export as export_fn
-        from export.bench import bench
-
-        classes = meta["classes"]
-        summary["export"] = export_fn(
-            checkpoint=Path(res_kd["student_dir"]),
-            out=out / "export",
-            format="all",
-            class_names=classes,
-            templates=list(meta["templates"]),
-        )
-        summary["export"].pop("_table", None)
-        bench_res = bench(artifacts=out / "export", iters=5 if quick else 50, warmup=2 if quick else 10)
-        summary["bench_table"] = bench_res.pop("_table", None)
-        summary["bench"] = bench_res
-        times["export_bench"] = time.time() - t
-    times["total"] = time.time() - t_all
-    summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
-    summary["_table"] = _table(summary)
-    tmp = out / f"summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({k: v for k, v in summary.items() if k != "_table"}, indent=1, default=str))
-    os.replace(tmp, out / "summary.json")
-    return summary
+        _export_and_bench(d, kd_dir, meta)
+    d.times["total"] = time.time() - t_all
+    d.summary["seconds"] = {k: round(v, 1) for k, v in d.times.items()}
+    d.summary["_table"] = _table(d.summary)
+    atomic_write_json(d.out / "summary.json", {k: v for k, v in d.summary.items() if k != "_table"})
+    return d.summary
 
 
-def _table(s: dict) -> str:
+def _corpus(d: _Demo) -> tuple[dict, DataArgs, EvalArgs]:
+    """Step 1: the embedded corpus, and the training data and validation sets every run uses."""
+    t = d.step("1/5 embedded corpus")
+    corpus = d.out / "corpus"
+    cfg = CorpusCfg(n_train=256, n_val=64, n_zeroshot_per_class=2, shard_size=128) if d.quick else CorpusCfg()
+    meta = write_shapes_corpus(corpus, cfg)
+    d.times["corpus"] = time.time() - t
+    print(f"{meta['num_samples']} samples, {len(meta['classes'])} zero-shot classes -> {corpus}")
+    data = DataArgs(batch_size=d.batch_size, num_workers=d.num_workers, corpus_dir=str(corpus), rrc_scale_min=0.35)
+    return meta, data, EvalArgs(zeroshot=str(corpus / "zeroshot"), retrieval=str(corpus / "val"))
+
+
+def _teacher(d: _Demo, data: DataArgs, val: EvalArgs) -> Path:
+    """Step 2: train the demo's own teacher from scratch and evaluate it."""
+    t = d.step(f"2/5 train the demo teacher ({d.teacher}, scratch, {d.teacher_steps} steps)")
+    res = d.train_run("teacher", d.teacher, d.teacher_steps, data, val, loss=LossArgs(preset="contrastive"))
+    d.times["teacher_train"] = time.time() - t
+    teacher_dir = Path(res["student_dir"])
+    d.summary["teacher"] = evaluate(teacher=f"local-dir:{teacher_dir}", data=val)
+    return teacher_dir
+
+
+def _reinforce(d: _Demo, teacher_dir: Path) -> Path:
+    """Step 3: `build-data` reinforces the corpus with the teacher."""
+    t = d.step(f"3/5 build-data: reinforce the corpus with the teacher ({d.num_augs} augmentations per image)")
+    reinforced = d.out / "reinforced"
+    build = BuildArgs(
+        num_augs=d.num_augs, num_syn=0, batch_size=128, num_workers=d.num_workers, seed=d.seed, scale_min=0.35,
+        progress=False,
+    )  # fmt: skip
+    d.summary["build_data"] = build_data(
+        out=reinforced, input=str(d.out / "corpus" / "train"), teacher=f"local-dir:{teacher_dir}", build=build
+    )
+    d.times["build_data"] = time.time() - t
+    return reinforced
+
+
+def _students(d: _Demo, data: DataArgs, val: EvalArgs, reinforced: Path) -> Path:
+    """Step 4: the student from the reinforced shards and from scratch, same steps; both evaluated."""
+    t = d.step(
+        f"4/5 train the student ({d.student}) from reinforced shards, and from scratch ({d.student_steps} steps)"
+    )
+    kd_data = DataArgs(path=str(reinforced), batch_size=d.batch_size, num_workers=d.num_workers)
+    res_kd = d.train_run("student_kd", d.student, d.student_steps, kd_data, val)
+    d.times["student_kd_train"] = time.time() - t
+    t = time.time()
+    scratch = LossArgs(preset="contrastive")
+    res_sc = d.train_run("student_scratch", d.student, d.student_steps, data, val, loss=scratch)
+    d.times["student_scratch_train"] = time.time() - t
+    d.summary["student_kd"] = evaluate(student=res_kd["student_dir"], data=val)
+    d.summary["student_scratch"] = evaluate(student=res_sc["student_dir"], data=val)
+    return Path(res_kd["student_dir"])
+
+
+def _export_and_bench(d: _Demo, kd_dir: Path, meta: dict) -> None:
+    """Step 5: export the distilled student (ExecuTorch + CoreML + app bundle) and benchmark it."""
+    t = d.step("5/5 export (ExecuTorch + CoreML + app bundle) and bench")
+    d.summary["export"] = export_fn(
+        checkpoint=kd_dir,
+        out=d.out / "export",
+        format="all",
+        class_names=meta["classes"],
+        templates=list(meta["templates"]),
+    )
+    d.summary["export"].pop("_table", None)
+    bench_res = bench(artifacts=d.out / "export", iters=5 if d.quick else 50, warmup=2 if d.quick else 10)
+    d.summary["bench_table"] = bench_res.pop("_table", None)
+    d.summary["bench"] = bench_res
+    d.times["export_bench"] = time.time() - t
+
+
+def _table(s: dict[str, object]) -> str:
     rows = [("model", "zero-shot top-1 %", "i2t R@1", "t2i R@1", "t2i R@5")]
     for key, label in (
         ("teacher", f"teacher {s['teacher_arch']} (scratch)"),

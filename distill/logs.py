@@ -96,6 +96,12 @@ KNOWN_NOISE: tuple[KnownNoise, ...] = (
         "(< 50,000), which int32 holds exactly",
     ),
     KnownNoise(
+        "onnxscript.optimizer._constant_folding",
+        r"Skipping constant folding for op",
+        "onnxscript's optimiser leaves a node (e.g. LayerNormalization with unused extra outputs) unfolded: an "
+        "optimisation skipped, the node is computed at run time and the ONNX parity check still runs",
+    ),
+    KnownNoise(
         "torch.utils._pytree",
         r"is an Enum subclass and is now natively supported by torch\.compile",
         "torchao registers its KernelPreference enum with the pre-2.14 pytree API at import; a deprecation notice "

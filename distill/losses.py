@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,8 +58,6 @@ def gather_features(x: Tensor, gather_with_grad: bool = True) -> Tensor:
     if world == 1:
         return x
     if gather_with_grad:
-        import torch.distributed.nn.functional as dist_fn
-
         return torch.cat(dist_fn.all_gather(x), dim=0)
     parts = [torch.zeros_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
@@ -91,7 +90,8 @@ class ClipLoss(nn.Module):
         self.weight = weight
         self.gather_with_grad = gather_with_grad
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, **_: object) -> dict:
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
+        """`{"contrastive_loss"}` for `[b, D]` local features and the scalar (exp) logit scale."""
         rank, _ = _world()
         all_image = gather_features(image_features, self.gather_with_grad)
         all_text = gather_features(text_features, self.gather_with_grad)
@@ -143,8 +143,8 @@ class AffinityKDLoss(nn.Module):
         logit_scale: Tensor,
         teacher_image_features: Mapping[str, Tensor],
         teacher_text_features: Mapping[str, Tensor],
-        **_: object,
-    ) -> dict:
+    ) -> dict[str, Tensor]:
+        """`{"kd_loss"}`; teacher features are `{member: [b, D_k]}`."""
         _, world = _world()
         p_i2t, p_t2i = _teacher_targets(teacher_image_features, teacher_text_features, self.logit_scales, world > 1)
         all_image = gather_features(image_features, self.gather_with_grad)
@@ -194,8 +194,8 @@ class FeatureKDLoss(nn.Module):
         text_features: Tensor,
         teacher_image_features: Mapping[str, Tensor],
         teacher_text_features: Mapping[str, Tensor],
-        **_: object,
-    ) -> dict:
+    ) -> dict[str, Tensor]:
+        """`{"fd_loss"}`; teacher features are `{member: [b, D_k]}`."""
         loss = 0.0
         for name, ti in teacher_image_features.items():
             si = self.proj(image_features, name, "image")
@@ -229,8 +229,8 @@ class ICLLoss(nn.Module):
         text_features: Tensor,
         teacher_image_features: Mapping[str, Tensor],
         teacher_text_features: Mapping[str, Tensor],
-        **_: object,
-    ) -> dict:
+    ) -> dict[str, Tensor]:
+        """`{"icl_loss"}`; teacher features are `{member: [b, D_k]}`."""
         rank, world = _world()
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         labels = _diag_labels(image_features.shape[0], rank, image_features.device)
@@ -252,8 +252,8 @@ class DistillLoss(nn.Module):
 
     Terms with weight 0 are not computed. When the batch carries synthetic captions (`syn_text_features` and, for
     the teacher terms, `teacher_syn_text_features`), every caption-dependent term is computed a second time with
-    the synthetic caption and the two are summed (MobileCLIP's DRClipLoss). Teacher terms are skipped when the
-    batch has no teacher targets (scratch training).
+    the synthetic caption and the two are summed (MobileCLIP's DRClipLoss). A loss built without teacher terms
+    (scratch training) takes no targets; one with teacher terms refuses a batch without them.
     """
 
     def __init__(
@@ -306,14 +306,37 @@ class DistillLoss(nn.Module):
         teacher_image_features: Mapping[str, Tensor] | None = None,
         teacher_text_features: Mapping[str, Tensor] | None = None,
         teacher_syn_text_features: Mapping[str, Tensor] | None = None,
-        **_: object,
-    ) -> dict:
+    ) -> dict[str, Tensor]:
+        """Every enabled term, summed over the real and (when given) the synthetic caption.
+
+        The names are the model-output and batch keys (`loss(**student_out, **targets)`) and there is no catch-all:
+        a misspelt key raises `TypeError` instead of silently switching a term off.
+
+        Args:
+            image_features: Student image embeddings `[b, D]`.
+            text_features: Student embeddings of the real caption `[b, D]`.
+            logit_scale: The student's (exp) logit scale, a scalar.
+            syn_text_features: Student embeddings of one synthetic caption `[b, D]`, or None.
+            teacher_image_features: `{member: [b, D_k]}` targets; required when a teacher term is enabled.
+            teacher_text_features: `{member: [b, D_k]}` targets of the real caption.
+            teacher_syn_text_features: `{member: [b, D_k]}` targets of the synthetic caption; without them the
+                synthetic caption is scored by the contrastive term only (a live teacher without synthetic captions).
+
+        Raises:
+            ValueError: teacher terms are enabled but the batch has no teacher targets, or synthetic-caption
+                targets come without the student's synthetic-caption features.
+        """
+        has_targets = teacher_image_features is not None and teacher_text_features is not None
+        if self.needs_teacher and not has_targets:
+            raise ValueError("the batch has no teacher targets but the loss has teacher terms (kd/fd/icl)")
+        if teacher_syn_text_features is not None and syn_text_features is None:
+            raise ValueError("teacher_syn_text_features were given without syn_text_features")
         captions = [(text_features, teacher_text_features)]
         if syn_text_features is not None:
             captions.append((syn_text_features, teacher_syn_text_features))
         out: dict[str, Tensor] = {}
 
-        def add(terms: dict) -> None:
+        def add(terms: dict[str, Tensor]) -> None:
             for k, v in terms.items():
                 out[k] = out[k] + v if k in out else v
 
@@ -322,13 +345,10 @@ class DistillLoss(nn.Module):
                 add(self.clip(image_features, s_text, logit_scale))
             if teacher_image_features is None or t_text is None:
                 continue
-            targets = {"teacher_image_features": teacher_image_features, "teacher_text_features": t_text}
             if self.kd is not None:
-                add(self.kd(image_features, s_text, logit_scale, **targets))
+                add(self.kd(image_features, s_text, logit_scale, teacher_image_features, t_text))
             if self.fd is not None:
-                add(self.fd(image_features, s_text, **targets))
+                add(self.fd(image_features, s_text, teacher_image_features, t_text))
             if self.icl is not None:
-                add(self.icl(image_features, s_text, **targets))
-        if not out:
-            raise ValueError("the batch has no teacher targets and the contrastive weight is 0: nothing to optimise")
+                add(self.icl(image_features, s_text, teacher_image_features, t_text))
         return out

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -21,10 +21,17 @@ from torch import Tensor, nn
 
 from distill.args import OptimArgs
 from distill.evaluate import retrieval_metrics, zeroshot_classifier
+from students import CLIPStudent, L0Pruner
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistillModule", "SparsityPenalty", "cosine_with_warmup"]
+__all__ = ["TARGET_PREFIX", "DistillModule", "cosine_with_warmup"]
+
+TARGET_PREFIX = "teacher_"
+"""Batch keys starting with this are teacher targets and go to the loss by name (`teacher_image_features`, ...)."""
+
+TeacherFeatures = Mapping[str, Tensor]
+"""Teacher targets of one kind: `{member name: [B, D_k]}`."""
 
 _MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature at 100
 
@@ -37,20 +44,12 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class SparsityPenalty(Protocol):
-    """What `DistillModule.pruner` holds while L0 masks train (`students.prune.L0Pruner`)."""
-
-    def sparsity_loss(self, step: int) -> Tensor:
-        """The sparsity-constraint term to add to the training loss at optimizer step `step`."""
-        ...
-
-
 class DistillModule(pl.LightningModule):
     """Trains `student` against `loss`, with targets from the batch (reinforced), a live `teacher`, or none."""
 
     def __init__(
         self,
-        student: nn.Module,
+        student: CLIPStudent,
         teacher: nn.Module | None,
         loss: nn.Module,
         optim: OptimArgs,
@@ -61,7 +60,7 @@ class DistillModule(pl.LightningModule):
         caption_weight: float = 2.0,
         zeroshot_classes: list[str] | None = None,
         zeroshot_templates: list[str] | None = None,
-        hparams: dict[str, Any] | None = None,
+        hparams: dict[str, object] | None = None,
     ) -> None:
         """Args:
         student: A `students.CLIPStudent`.
@@ -95,9 +94,10 @@ class DistillModule(pl.LightningModule):
             student.logit_scale.requires_grad_(False)
         # NOTE: only plain data goes into hparams, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"optim": asdict(optim), "max_steps": max_steps, **(hparams or {})})
-        self._val_store: dict[str, list] = {}
-        self.pruner: SparsityPenalty | None = None
-        """Set by `distill.callbacks.L0PruningCallback` while masks train; its loss joins the training loss."""
+        self.pruner: L0Pruner | None = None
+        """Automatic inheritance: the L0 masks being learned (set and cleared by `L0PruningCallback`); while set,
+        its Lagrangian sparsity term joins the loss."""
+        self._val_store: dict[str, list[tuple[Tensor, ...]]] = {}
 
     def forward(self, image: Tensor, text: Tensor, syn_text: Tensor | None = None) -> dict[str, Tensor]:
         """Student embeddings for a batch. `image` is uint8 or [0, 1] at the student's size (normalised here).
@@ -108,7 +108,7 @@ class DistillModule(pl.LightningModule):
         pixels = self.student.normalize(image)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if getattr(self.student, "caption_loss_enabled", False):
+        if self.student.caption_loss_enabled:
             out = self.student.forward_train(pixels, text)
             if syn_text is not None:
                 out["syn_text_features"] = self.student.encode_text(syn_text, normalize=True)
@@ -123,14 +123,10 @@ class DistillModule(pl.LightningModule):
             out["text_features"], out["syn_text_features"] = both.split(text.shape[0])
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, object], batch_idx: int) -> Tensor:
         out = self(batch["image"], batch["text"], batch.get("syn_text"))
-        targets = self._targets(batch)
-        if out.get("syn_text_features") is not None and "teacher_syn_text_features" not in targets and targets:
-            # A live teacher without synthetic captions: score the synthetic caption contrastively only.
-            targets["teacher_syn_text_features"] = None
         caption_loss = out.pop("caption_loss", None)
-        losses = self.loss(**out, **targets)
+        losses = self._loss_terms(out, batch)
         if caption_loss is not None and self.caption_weight > 0:
             losses["caption_loss"] = self.caption_weight * caption_loss
         if self.pruner is not None:
@@ -143,7 +139,7 @@ class DistillModule(pl.LightningModule):
         self.log("train/logit_scale", out["logit_scale"].detach(), batch_size=bs)
         return total
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         feats = self.student.encode_image(self.student.normalize(batch["image"]), normalize=True).float()
         if "label" in batch:
             self._val_store.setdefault("zeroshot", []).append((feats, batch["label"]))
@@ -175,7 +171,7 @@ class DistillModule(pl.LightningModule):
         if metrics:
             self.log_dict(metrics, sync_dist=True)
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> dict[str, object]:
         params = [p for p in list(self.student.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         # nanoGPT rule: decay matrices/convs only; biases, norms and the logit scale (ndim < 2) are not decayed.
         decay = [p for p in params if p.ndim >= 2]
@@ -198,24 +194,24 @@ class DistillModule(pl.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def replace_student(self, student: nn.Module) -> None:
+    def replace_student(self, student: CLIPStudent) -> None:
         """Swap in a structurally different student mid-fit (L0 pruning) and rebuild the optimizer for it.
 
         Frozen parameters stay frozen (by name), the checkpointed `student_cfg` follows the new student so resume
-        and `students.load_student` rebuild it, and the LR schedule continues at the current step.
+        and `students.load_student` rebuild it, the pruner is dropped, and the LR schedule continues at the current
+        step.
         """
         frozen = {n for n, p in self.student.named_parameters() if not p.requires_grad}
         for name, p in student.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
         self.student = student
-        cfg = getattr(student, "cfg", None)
-        if cfg is not None:
-            self.hparams["student_cfg"] = cfg.to_dict()
+        self.pruner = None
+        self.hparams["student_cfg"] = student.cfg.to_dict()
         if self._trainer is not None:
             self.trainer.strategy.setup_optimizers(self.trainer)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         if self.student.logit_scale.requires_grad:
             with torch.no_grad():
                 self.student.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
@@ -227,11 +223,19 @@ class DistillModule(pl.LightningModule):
             self.teacher.eval()
         return self
 
+    def _loss_terms(self, out: dict[str, Tensor], batch: dict[str, object]) -> dict[str, Tensor]:
+        """The one place where a batch meets the loss: student outputs and teacher targets, passed by name.
+
+        The loss signature is strict, so a target key the loss does not know (a misspelt `teacher_*` key in the
+        data) raises `TypeError` here instead of silently switching a term off.
+        """
+        return self.loss(**out, **self._targets(batch))
+
     @torch.no_grad()
-    def _targets(self, batch: dict) -> dict:
-        """Teacher targets: read from the batch (reinforced), computed by the live teacher (online), or none."""
+    def _targets(self, batch: dict[str, object]) -> dict[str, TeacherFeatures]:
+        """Teacher targets: the batch's `teacher_*` entries (reinforced), the live teacher's (online), or none."""
         if self.teacher is None:
-            return {k: v for k, v in batch.items() if k.startswith("teacher_")}
+            return {k: v for k, v in batch.items() if k.startswith(TARGET_PREFIX)}
         targets = {
             "teacher_image_features": self.teacher.encode_image(batch["image"]),
             "teacher_text_features": self.teacher.encode_texts(list(batch["caption"])),

@@ -8,25 +8,69 @@ Modes (chosen automatically from the data and `--teacher`, or forced with `--mod
 Weight inheritance (TinyCLIP manual, or automatic L0 pruning) initialises the student from a larger model.
 Outputs in `--trainer.default_root_dir`: Lightning checkpoints (exact resume), CSV/TensorBoard logs, the final
 student in open_clip layout (`student/`), and `run.json` (config, versions, data fingerprint, metrics).
+A run directory holds one run: resume checks the run identity (`distill.run_dir`, docs/GUARANTEES.md); SIGTERM
+and Ctrl-C save a checkpoint of the current step and exit 128 + the signal number.
+
+`train` reads as its table of contents: resolve (mode, data, run directory, checkpoint to resume), build
+(student, objective, data, Lightning system, trainer), fit, finalize (save the student and run.json).
 """
 
 from __future__ import annotations
 
-import json
+import importlib.metadata
 import logging
-import math
 import os
 import platform
+import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+import open_clip
+import pytorch_lightning as pl
+import torch
+from open_clip.model import convert_to_custom_text_state_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import nn
 
 from distill.args import DataArgs, EvalArgs, InheritArgs, LockArgs, LossArgs, OptimArgs, TrainerArgs
+from distill.callbacks import L0PruningCallback, SignalCheckpoint, StudentEMA, Throughput
+from distill.curves import plot_learning_curves
+from distill.data import DataSpec, DistillDataModule, resolve_data
+from distill.losses import DistillLoss
+from distill.module import DistillModule
+from distill.progress import progress_callbacks
+from distill.run_dir import (
+    IDENTITY_KEY,
+    AtomicCheckpointIO,
+    HistoryCSVLogger,
+    ResumePoint,
+    default_run_dir,
+    find_resume_point,
+)
+from mcd_common import UsageError
+from mcd_common.files import atomic_write_json, git_sha
+from mcd_common.jsonfmt import round_floats
+from students import (
+    CLIPStudent,
+    InheritReport,
+    StudentCfg,
+    build_student,
+    create_student,
+    inherit_weights,
+    load_student,
+    lock_student,
+    save_student,
+)
+from students.published import copy_student_weights
+from teachers import TeacherEnsemble, WeightSpec, as_ensemble, create_teacher
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["build_loss", "train"]
+
+Mode = Literal["reinforced", "online", "scratch"]
 
 _PRESETS: dict[str, dict[str, float]] = {
     "mobileclip": {"contrastive_weight": 0.0, "kd_weight": 1.0, "fd_weight": 0.0, "icl_weight": 0.0},
@@ -35,6 +79,7 @@ _PRESETS: dict[str, dict[str, float]] = {
     "clip_kd": {"contrastive_weight": 1.0, "kd_weight": 1.0, "fd_weight": 2000.0, "icl_weight": 1.0},
     "contrastive": {"contrastive_weight": 1.0, "kd_weight": 0.0, "fd_weight": 0.0, "icl_weight": 0.0},
 }
+_VERSIONED = ("torch", "timm", "open_clip_torch", "pytorch-lightning", "webdataset", "transformers")
 
 
 def build_loss(
@@ -44,24 +89,30 @@ def build_loss(
     teacher_scales: dict[str, float],
     teacher_dims: dict[str, int],
     student_dim: int,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[DistillLoss, dict[str, object]]:
     """Resolve the preset and overrides into a `DistillLoss`.
 
     Returns:
         The loss module and a plain dict describing it (weights, scales) for run.json.
-    """
-    from distill.losses import DistillLoss
 
-    preset = args.preset
-    if preset == "auto":
-        preset = "mobileclip" if has_teacher else "contrastive"
+    Raises:
+        UsageError: a distillation preset or weight without a teacher, or every weight 0.
+    """
+    preset = _preset(args, has_teacher)
     if preset != "contrastive" and not has_teacher:
-        raise ValueError(f"--loss.preset {preset} distils from a teacher: pass --teacher or reinforced data")
+        raise UsageError(f"--loss.preset {preset} distils from a teacher: pass --teacher or reinforced data")
     weights = dict(_PRESETS[preset])
     for key in weights:
         override = getattr(args, key)
         if override is not None:
             weights[key] = override
+    needs_teacher = [k for k in ("kd_weight", "fd_weight", "icl_weight") if weights[k] > 0]
+    if needs_teacher and not has_teacher:
+        raise UsageError(f"--loss.{needs_teacher[0]} > 0 distils from a teacher: pass --teacher or reinforced data")
+    if not any(weights.values()):
+        raise UsageError(
+            f"--loss.preset {preset} with these --loss.*_weight overrides leaves every term at 0: nothing to train"
+        )
     scales = dict(teacher_scales)
     freeze = args.freeze_student_logit_scale
     if preset == "tinyclip":
@@ -76,43 +127,40 @@ def build_loss(
         teacher_dims=teacher_dims if has_teacher else None,
         student_dim=student_dim,
     )
-    return loss, {
-        "preset": preset,
-        **weights,
-        "caption_weight": args.caption_weight,
-        "teacher_logit_scales": scales,
-        "freeze_student_logit_scale": freeze,
-    }
+    desc = {"preset": preset, **weights, "caption_weight": args.caption_weight, "teacher_logit_scales": scales}
+    return loss, {**desc, "freeze_student_logit_scale": freeze}
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "timm", "open_clip_torch", "pytorch-lightning", "webdataset", "transformers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "missing"
-    return out
+def _preset(args: LossArgs, has_teacher: bool) -> str:
+    if args.preset == "auto":
+        return "mobileclip" if has_teacher else "contrastive"
+    return args.preset
 
 
-def _git_sha() -> str | None:
-    import subprocess
+@dataclass
+class _Run:
+    """What `train` resolved before building anything: the data, the mode, the run and where it resumes."""
 
-    try:
-        root = Path(__file__).resolve().parent.parent
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return res.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    mode: Mode
+    spec: DataSpec
+    model: CLIPStudent
+    """The student as requested (before a resumed checkpoint's pruning or automatic inheritance)."""
+    identity: dict[str, object]
+    root: Path
+    resume: ResumePoint | None
+
+    @property
+    def ckpt_path(self) -> str | None:
+        return str(self.resume.path) if self.resume is not None else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+@dataclass
+class _Objective:
+    """The targets and the loss: a live teacher (online mode only), the loss module and its run.json description."""
+
+    teacher: TeacherEnsemble | None
+    loss: DistillLoss
+    desc: dict[str, object]
 
 
 def train(
@@ -156,242 +204,201 @@ def train(
     Returns:
         A summary: output paths, steps, wall time, throughput and final validation metrics.
     """
-    import pytorch_lightning as pl
-    import torch
-
-    from distill.data import DistillDataModule, resolve_data
-    from distill.module import DistillModule
-    from students import create_student, inherit_weights, load_student, lock_student, save_student
-    from students.published import copy_student_weights
-
     t0 = time.time()
-    root = Path(trainer.default_root_dir).expanduser()
+    groups = {"data": data, "loss": loss, "optim": optim, "trainer": trainer, "inherit": inherit, "val": val}
+    groups["lock"] = lock
+    config = {"student": student, "teacher": teacher, "mode": mode, "image_size": image_size}
+    config |= {"context_length": context_length, "hf_text_dir": hf_text_dir}
+    config |= {k: asdict(v) for k, v in groups.items()}
     pl.seed_everything(trainer.seed, workers=True)
-
-    spec = resolve_data(data)
-    if mode == "auto":
-        mode = "reinforced" if spec.reinforced else ("online" if teacher else "scratch")
-    if mode == "reinforced" and not spec.reinforced:
-        raise ValueError(f"--mode reinforced needs shards written by `distill build-data`; {spec.describe()} has none")
-    if mode == "online" and not teacher:
-        raise ValueError("--mode online needs --teacher")
-    if mode == "scratch" and teacher:
-        _logger.warning("--mode scratch ignores --teacher %s", teacher)
-
-    # --- student (+ inheritance) ---
-    overrides = {"image_size": image_size, "context_length": context_length, "hf_model_dir": hf_text_dir}
-    src = Path(student.removeprefix("local-dir:")).expanduser()
-    model = load_student(src) if src.exists() else create_student(student, **overrides)
-    ckpt_path = _resume_path(trainer.resume, root)
-    resumed_cfg = _checkpoint_student_cfg(ckpt_path) if ckpt_path else None
-    if resumed_cfg is not None and resumed_cfg != model.cfg.to_dict():
-        # The checkpoint holds a structurally different student (pruned by automatic inheritance): rebuild it.
-        from students import StudentCfg, build_student
-
-        _logger.info("resuming a pruned student: %s", resumed_cfg.get("name"))
-        model = build_student(StudentCfg.from_dict(resumed_cfg))
-    if student_weights:
-        copy_student_weights(model, load_student(Path(student_weights)))  # keeps Apple's ViT-B variant
-    if inherit.source and inherit.mode == "auto" and ckpt_path is None:
-        # Automatic inheritance starts from the (larger) source model itself and learns what to remove;
-        # --student then only names the run.
-        model = _inherit_source(inherit.source, teacher, teacher_weights)
-        model.train()
-    inherit_report = None
-    if inherit.source and inherit.mode == "manual" and ckpt_path is None:
-        source = _inherit_source(inherit.source, teacher, teacher_weights)
-        inherit_report = inherit_weights(model, source.state_dict(), source_cfg=getattr(source, "cfg", None))
-        _logger.info("weight inheritance: %s", inherit_report.summary() if hasattr(inherit_report, "summary") else "")
-
-    if (lock.image or lock.text) and inherit.source and inherit.mode == "auto":
-        raise ValueError("--lock.* cannot be combined with --inherit.mode auto (pruning rebuilds the towers)")
+    # resolve
+    _check_paths(student, student_weights, teacher_weights)
+    model = _requested_student(student, image_size, context_length, hf_text_dir)
+    run = _resolve(student, model, mode, teacher, teacher_weights, data, loss, trainer, inherit, lock)
+    # build
+    model, inherit_report = _build_student(run, teacher, inherit, student_weights, teacher_weights)
     lock_report = lock_student(model, **asdict(lock))  # --lock.* (students.lock): before the optimizer sees them
-
-    # --- teacher / targets ---
-    live_teacher = None
-    if mode == "online":
-        from teachers import WeightSpec, as_ensemble, create_teacher
-
-        weights = WeightSpec(file=teacher_weights) if teacher_weights else None
-        live_teacher = as_ensemble(create_teacher(teacher, weights=weights))
-        teacher_scales, teacher_dims = dict(live_teacher.logit_scales), dict(live_teacher.embed_dims)
-    elif mode == "reinforced":
-        teacher_scales, teacher_dims = spec.teacher_scales(), spec.teacher_dims()
-        if teacher:
-            spec.check_teacher(teacher)
-    else:
-        teacher_scales, teacher_dims = {}, {}
-    has_teacher = mode != "scratch"
-    loss_module, loss_desc = build_loss(
-        loss,
-        has_teacher=has_teacher,
-        teacher_scales=teacher_scales,
-        teacher_dims=teacher_dims,
-        student_dim=model.embed_dim,
-    )
-
-    # --- data ---
+    objective = _build_objective(run, loss, teacher, teacher_weights, model.embed_dim)
     dm = DistillDataModule(
-        spec, data, model, mode=mode, seed=trainer.seed, val=val, accumulate=trainer.accumulate_grad_batches
+        run.spec, data, model, mode=run.mode, seed=trainer.seed, val=val, accumulate=trainer.accumulate_grad_batches
     )
-    pruner_cb = None
-    if inherit.source and inherit.mode == "auto":
-        from distill.callbacks import L0PruningCallback
-
-        pruner_cb = L0PruningCallback(inherit, max_steps=trainer.max_steps)
-
-    hparams = {
-        "student_cfg": model.cfg.to_dict(),
-        "student": student,
-        "teacher_name": teacher,
-        "mode": mode,
-        "loss": loss_desc,
-        "data": asdict(data),
-        "trainer": asdict(trainer),
-        "schema_version": spec.schema_version,
-    }
-    module = DistillModule(
-        model,
-        live_teacher,
-        loss_module,
-        optim,
-        max_steps=trainer.max_steps,
-        channels_last=trainer.channels_last,
-        freeze_logit_scale=loss_desc["freeze_student_logit_scale"],
-        caption_weight=loss.caption_weight,
-        zeroshot_classes=dm.zeroshot_classes,
-        zeroshot_templates=dm.zeroshot_templates,
-        hparams=hparams,
-    )
-    if trainer.compile:
-        module.student = torch.compile(module.student)
-
-    callbacks, ckpt_cb = _callbacks(trainer, root)
-    from distill.callbacks import Throughput
-
-    speed = Throughput(dm.samples_per_step)
-    callbacks.append(speed)
-    if pruner_cb is not None:
-        callbacks.append(pruner_cb)
-    from distill.progress import progress_callbacks
-
-    progress, show_bar = progress_callbacks(trainer.enable_progress_bar)  # step bar on a TTY, log lines elsewhere
+    hparams = {"student_cfg": model.cfg.to_dict(), "student": student, "teacher_name": teacher, "mode": run.mode}
+    hparams |= {"loss": objective.desc, "data": asdict(data), "trainer": asdict(trainer), IDENTITY_KEY: run.identity}
+    hparams["schema_version"] = run.spec.schema_version
+    module = _build_module(model, objective, dm, optim, loss, trainer, hparams)
+    callbacks = _callbacks(trainer, inherit, run.root, dm.samples_per_step)
+    progress, show_bar = progress_callbacks(trainer.enable_progress_bar)  # a step bar on a TTY, log lines elsewhere
     callbacks += progress
-    loggers = [
-        pl.loggers.CSVLogger(root, name="logs", version=""),
-        pl.loggers.TensorBoardLogger(root, name="tb", version=""),
-    ]
-    pl_trainer = pl.Trainer(
-        max_steps=trainer.max_steps,
-        precision=trainer.precision,
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy=trainer.strategy,
-        accumulate_grad_batches=trainer.accumulate_grad_batches,
-        gradient_clip_val=trainer.gradient_clip_val,
-        val_check_interval=trainer.val_check_interval or trainer.max_steps,
-        check_val_every_n_epoch=None,
-        log_every_n_steps=trainer.log_every_n_steps,
-        default_root_dir=root,
-        callbacks=callbacks,
-        logger=loggers,
-        enable_progress_bar=show_bar,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # NOTE: our resumable sampler shards by rank itself
-        deterministic=False,
-    )
-    if ckpt_path:
-        _logger.info("resuming from %s", ckpt_path)
+    pl_trainer = _build_trainer(trainer, run, callbacks, show_bar)
+    # fit
     fit_t0 = time.time()
-    pl_trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    fit_seconds = time.time() - fit_t0
-
-    metrics = {k: float(v) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
-    final = module.student
-    final = getattr(final, "_orig_mod", final)  # unwrap torch.compile
-    ema = next((c for c in callbacks if hasattr(c, "averaged_student")), None)
-    if ema is not None and ema.averaged_student is not None:
-        final = ema.averaged_student
-    summary: dict[str, Any] = {
-        "out": str(root),
-        "mode": mode,
-        "student": student,
-        "teacher": teacher,
-        "steps": int(pl_trainer.global_step),
-        "resumed_from": ckpt_path,
-        "fit_seconds": round(fit_seconds, 2),
-        "samples_per_second": round(speed.samples_per_second, 2) if speed.samples_per_second else None,
-        "metrics": metrics,
-        "loss": loss_desc,
-    }
+    interrupted = _fit(pl_trainer, module, dm, run, callbacks)
+    # finalize
+    summary = _summary(run, pl_trainer, callbacks, objective, student, teacher, time.time() - fit_t0)
+    if inherit_report is not None:
+        summary["inheritance"] = inherit_report.summary()
+    pruner_cb = _one(callbacks, L0PruningCallback)
     if pruner_cb is not None:
         summary["pruning"] = pruner_cb.report  # per-stage sparsity, parameter counts and time (docs/L0.md)
     if lock_report:
         summary["lock"] = lock_report
-    if inherit_report is not None:
-        summary["inheritance"] = inherit_report.summary() if hasattr(inherit_report, "summary") else str(inherit_report)
+    summary["data"] = dm.data_stats()  # samples indexed / usable / skipped by reason (distill.data)
+    if interrupted is not None:
+        summary["interrupted"] = signal.Signals(interrupted).name
     if pl_trainer.is_global_zero:
-        save_student(final.cpu() if not isinstance(final, torch.nn.Module) else final, root / "student")
-        summary["student_dir"] = str(root / "student")
-        summary["checkpoint"] = ckpt_cb.last_model_path or None
-        run = {
-            **summary,
-            "config": {
-                "student": student,
-                "teacher": teacher,
-                "mode": mode,
-                "data": asdict(data),
-                "loss": asdict(loss),
-                "optim": asdict(optim),
-                "trainer": asdict(trainer),
-                "inherit": asdict(inherit),
-                "val": asdict(val),
-                "lock": asdict(lock),
-                "image_size": image_size,
-                "context_length": context_length,
-                "hf_text_dir": hf_text_dir,
-            },
-            "student_cfg": model.cfg.to_dict(),
-            "data_fingerprint": spec.fingerprint(),
-            "versions": _versions(),
-            "git_sha": _git_sha(),
-            "device": _device_label(),
-            "wall_seconds": round(time.time() - t0, 2),
-        }
-        _write_json(root / "run.json", run)
+        _save_outputs(run, module, callbacks, summary, config, model.cfg, t0, save_model=interrupted is None)
+    if interrupted is not None:
+        raise SystemExit(128 + interrupted)
     return summary
 
 
-def _inherit_source(source: str, teacher: str | None, teacher_weights: str | None = None) -> Any:
-    """The model weights are inherited from: a saved student / checkpoint, or the (open_clip) teacher itself."""
-    from students import load_student
+# ------------------------------------------------------------------------------------------------------- resolve
 
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("local-dir:", ".", "~", "/")) or os.sep in name
+
+
+def _check_paths(student: str, student_weights: str | None, teacher_weights: str | None) -> None:
+    """Paths the user typed exist (before anything is built), each error naming its flag."""
+    if _looks_like_path(student) and not Path(student.removeprefix("local-dir:")).expanduser().exists():
+        raise UsageError(f"--student {student}: no such directory (a saved student directory or a registered name)")
+    for flag, value in (("--student_weights", student_weights), ("--teacher_weights", teacher_weights)):
+        if value and not Path(value).expanduser().exists():
+            raise UsageError(f"{flag} {value}: no such file or directory")
+
+
+def _requested_student(
+    student: str, image_size: int | None, context_length: int | None, hf_text_dir: str | None
+) -> CLIPStudent:
+    src = Path(student.removeprefix("local-dir:")).expanduser()
+    if src.exists():
+        return load_student(src)
+    return create_student(student, image_size=image_size, context_length=context_length, hf_model_dir=hf_text_dir)
+
+
+def _resolve(
+    student: str,
+    model: CLIPStudent,
+    mode: str,
+    teacher: str | None,
+    teacher_weights: str | None,
+    data: DataArgs,
+    loss: LossArgs,
+    trainer: TrainerArgs,
+    inherit: InheritArgs,
+    lock: LockArgs,
+) -> _Run:
+    """The data and the mode it implies, the run's identity, its directory and the checkpoint it resumes."""
+    if (lock.image or lock.text) and inherit.source and inherit.mode == "auto":
+        raise UsageError("--lock.* cannot be combined with --inherit.mode auto (pruning rebuilds the towers)")
+    spec = resolve_data(data)
+    if mode == "auto":
+        mode = "reinforced" if spec.reinforced else ("online" if teacher else "scratch")
+    if mode == "reinforced" and not spec.reinforced:
+        raise UsageError(f"--mode reinforced needs shards written by `distill build-data`; {spec.describe()} has none")
+    if mode == "online" and not teacher:
+        raise UsageError("--mode online needs --teacher")
+    if mode == "scratch" and teacher:
+        _logger.warning("--mode scratch ignores --teacher %s", teacher)
+    identity = _identity(student, model, mode, teacher, teacher_weights, spec, data, loss, trainer, inherit)
+    if lock.image or lock.text:
+        # NOTE: other locked tensors mean other optimizer groups: Lightning could not restore the optimizer state
+        identity["lock"] = asdict(lock)
+    if trainer.default_root_dir:
+        root = Path(trainer.default_root_dir).expanduser()
+    else:
+        root = default_run_dir(identity, model.cfg.name, mode)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--trainer.default_root_dir {root}: is a file, not a directory; pass a directory")
+    resume = find_resume_point(trainer.resume, root, identity)
+    _logger.info("run directory: %s (%s)", root, f"resuming {resume.path}" if resume else "new run")
+    return _Run(mode=mode, spec=spec, model=model, identity=identity, root=root, resume=resume)
+
+
+def _identity(
+    student: str,
+    model: CLIPStudent,
+    mode: str,
+    teacher: str | None,
+    teacher_weights: str | None,
+    spec: DataSpec,
+    data: DataArgs,
+    loss: LossArgs,
+    trainer: TrainerArgs,
+    inherit: InheritArgs,
+) -> dict[str, object]:
+    """What makes a run this run: resuming a checkpoint with another identity would silently mix two runs."""
+    if mode == "online":
+        teacher_id: str | None = teacher + (f" ({Path(teacher_weights).resolve()})" if teacher_weights else "")
+    elif mode == "reinforced":
+        teacher_id = ",".join(sorted(spec.teacher_dims()))  # the shards' teachers, whatever --teacher says
+    else:
+        teacher_id = None
+    src = Path(student.removeprefix("local-dir:")).expanduser()
+    return {
+        "student": str(src.resolve()) if src.exists() else student,
+        "student_cfg": model.cfg.to_dict(),
+        "mode": mode,
+        "loss_preset": _preset(loss, has_teacher=mode != "scratch"),
+        "teacher": teacher_id,
+        "data_path": os.path.abspath(os.path.expanduser(data.path)) if data.path else f"embedded:{spec.source}",
+        "data_fingerprint": spec.fingerprint(),
+        "image_size": model.image_size,
+        "context_length": model.context_length,
+        "inherit": f"{inherit.mode}:{inherit.source}" if inherit.source else None,
+        "seed": trainer.seed,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- build
+
+
+def _build_student(
+    run: _Run, teacher: str | None, inherit: InheritArgs, student_weights: str | None, teacher_weights: str | None
+) -> tuple[CLIPStudent, InheritReport | None]:
+    """The student to train (as requested, or as pruned in the checkpoint), and the manual-inheritance report."""
+    model = run.model
+    resumed_cfg = run.resume.hparams.get("student_cfg") if run.resume is not None else None
+    if isinstance(resumed_cfg, dict) and resumed_cfg != model.cfg.to_dict():
+        # The checkpoint holds a structurally different student (pruned by automatic inheritance): rebuild it.
+        _logger.info("resuming a pruned student: %s", resumed_cfg.get("name"))
+        model = build_student(StudentCfg.from_dict(resumed_cfg))
+    if student_weights:
+        copy_student_weights(model, load_student(Path(student_weights)))  # keeps Apple's ViT-B variant
+    if not inherit.source or run.resume is not None:
+        return model, None
+    source = _inherit_source(inherit.source, teacher, teacher_weights)
+    if inherit.mode == "auto":
+        # Automatic inheritance starts from the (larger) source model itself and learns what to remove;
+        # --student then only names the run.
+        return source.train(), None
+    report = inherit_weights(model, source.state_dict(), source_cfg=source.cfg)
+    _logger.info("weight inheritance: %s", report.summary())
+    return model, report
+
+
+def _inherit_source(source: str, teacher: str | None, teacher_weights: str | None) -> CLIPStudent:
+    """The model weights are inherited from: a saved student / checkpoint, or the (open_clip) teacher itself."""
     if source == "teacher":
         if not teacher:
-            raise ValueError("--inherit.source teacher needs --teacher")
+            raise UsageError("--inherit.source teacher needs --teacher")
         path = Path(teacher.removeprefix("local-dir:")).expanduser()
         return load_student(path) if path.exists() else _teacher_as_student(teacher, teacher_weights)
     path = Path(source.removeprefix("local-dir:")).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--inherit.source {source}: no such student directory or checkpoint")
+        raise UsageError(f"--inherit.source {source}: no such student directory or checkpoint")
     return load_student(path)
 
 
-def _teacher_as_student(name: str, weights: str | None) -> Any:
+def _teacher_as_student(name: str, weights: str | None) -> CLIPStudent:
     """An open_clip teacher re-expressed as a student (same config and weights), to inherit from (TinyCLIP)."""
-    import open_clip
-    from open_clip.model import convert_to_custom_text_state_dict
-
-    from students import StudentCfg, build_student
-    from teachers import WeightSpec, create_teacher
-
     t = create_teacher(name, weights=WeightSpec(file=weights) if weights else None)
-    model = getattr(t, "model", None)
+    model = getattr(t, "model", None)  # NOTE: only single open_clip teachers wrap an open_clip model
     arch = getattr(t.cfg, "arch", None)
     model_cfg = open_clip.get_model_config(arch) if arch else None
     if model is None or model_cfg is None:
-        raise ValueError(
+        raise UsageError(
             f"--inherit.source teacher: {name} is not a single open_clip teacher; pass a saved student "
             "directory to --inherit.source instead"
         )
@@ -403,55 +410,211 @@ def _teacher_as_student(name: str, weights: str | None) -> Any:
     return student
 
 
-def _checkpoint_student_cfg(path: str) -> dict | None:
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return (ckpt.get("hyper_parameters") or {}).get("student_cfg")
-
-
-def _callbacks(args: TrainerArgs, root: Path) -> tuple[list, Any]:
-    import pytorch_lightning as pl
-
-    every = args.checkpoint_every_n_steps or max(50, args.max_steps // 10)
-    ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=root / "checkpoints",
-        filename="step{step:07d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=every,
-        save_last=True,
-        save_top_k=1,
-        monitor=None,
+def _build_objective(
+    run: _Run, args: LossArgs, teacher: str | None, teacher_weights: str | None, student_dim: int
+) -> _Objective:
+    """Targets (a live teacher online, the shards' teachers reinforced, none scratch) and the loss over them."""
+    live = None
+    if run.mode == "online":
+        weights = WeightSpec(file=teacher_weights) if teacher_weights else None
+        live = as_ensemble(create_teacher(teacher, weights=weights))
+        scales, dims = dict(live.logit_scales), dict(live.embed_dims)
+    elif run.mode == "reinforced":
+        scales, dims = run.spec.teacher_scales(), run.spec.teacher_dims()
+        if teacher:
+            run.spec.check_teacher(teacher)
+    else:
+        scales, dims = {}, {}
+    has_teacher = run.mode != "scratch"
+    loss, desc = build_loss(
+        args, has_teacher=has_teacher, teacher_scales=scales, teacher_dims=dims, student_dim=student_dim
     )
-    cbs: list = [ckpt, pl.callbacks.LearningRateMonitor(logging_interval="step")]
+    return _Objective(teacher=live, loss=loss, desc=desc)
+
+
+def _build_module(
+    model: CLIPStudent,
+    objective: _Objective,
+    dm: DistillDataModule,
+    optim: OptimArgs,
+    loss: LossArgs,
+    trainer: TrainerArgs,
+    hparams: dict[str, object],
+) -> DistillModule:
+    module = DistillModule(
+        model,
+        objective.teacher,
+        objective.loss,
+        optim,
+        max_steps=trainer.max_steps,
+        channels_last=trainer.channels_last,
+        freeze_logit_scale=objective.desc["freeze_student_logit_scale"],
+        caption_weight=loss.caption_weight,
+        zeroshot_classes=dm.zeroshot_classes,
+        zeroshot_templates=dm.zeroshot_templates,
+        hparams=hparams,
+    )
+    if trainer.compile:
+        module.student = torch.compile(module.student)
+    return module
+
+
+def _callbacks(args: TrainerArgs, inherit: InheritArgs, root: Path, samples_per_step: int) -> list[pl.Callback]:
+    every = args.checkpoint_every_n_steps or max(50, args.max_steps // 10)
+    cbs: list[pl.Callback] = [
+        pl.callbacks.ModelCheckpoint(
+            dirpath=root / "checkpoints",
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every,
+            save_last=True,
+            save_top_k=1,
+            monitor=None,
+        ),
+        pl.callbacks.LearningRateMonitor(logging_interval="step"),
+        Throughput(samples_per_step),
+        SignalCheckpoint(root / "checkpoints" / "last.ckpt"),
+    ]
     if args.ema_decay is not None:
-        from distill.callbacks import StudentEMA
-
         cbs.append(StudentEMA(args.ema_decay))
-    return cbs, ckpt
+    if inherit.source and inherit.mode == "auto":
+        cbs.append(L0PruningCallback(inherit, max_steps=args.max_steps))
+    return cbs
 
 
-def _resume_path(resume: str, root: Path) -> str | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        last = root / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--trainer.resume {resume}: no such checkpoint")
-    return str(path)
+def _build_trainer(args: TrainerArgs, run: _Run, callbacks: list[pl.Callback], show_bar: bool) -> pl.Trainer:
+    root = run.root
+    loggers = [
+        HistoryCSVLogger(root, start_step=run.resume.global_step if run.resume else 0),
+        pl.loggers.TensorBoardLogger(root, name="tb", version=""),
+    ]
+    return pl.Trainer(
+        max_steps=args.max_steps,
+        precision=args.precision,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        gradient_clip_val=args.gradient_clip_val,
+        val_check_interval=args.val_check_interval or args.max_steps,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=args.log_every_n_steps,
+        default_root_dir=root,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=show_bar,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # NOTE: our resumable sampler shards by rank itself
+        deterministic=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- fit
+
+
+def _fit(
+    pl_trainer: pl.Trainer, module: DistillModule, dm: DistillDataModule, run: _Run, callbacks: list[pl.Callback]
+) -> int | None:
+    """Run Lightning's fit; returns the signal number when SIGTERM/SIGINT stopped it (after saving a checkpoint)."""
+    guard = _one(callbacks, SignalCheckpoint)
+    try:
+        # NOTE: weights_only=True: resume never unpickles (our checkpoint I/O enforces it too).
+        pl_trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=True)
+    except SIGTERMException:
+        return guard.signum or signal.SIGTERM
+    finally:
+        guard.restore()  # NOTE: Lightning's own teardown re-installs the handlers it found, ours included
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ finalize
+
+
+def _one(callbacks: list[pl.Callback], kind: type[pl.Callback]) -> pl.Callback | None:
+    return next((c for c in callbacks if isinstance(c, kind)), None)
+
+
+def _summary(
+    run: _Run,
+    pl_trainer: pl.Trainer,
+    callbacks: list[pl.Callback],
+    objective: _Objective,
+    student: str,
+    teacher: str | None,
+    fit_seconds: float,
+) -> dict[str, object]:
+    speed = _one(callbacks, Throughput)
+    return {
+        "out": str(run.root),
+        "mode": run.mode,
+        "student": student,
+        "teacher": teacher,
+        "steps": int(pl_trainer.global_step),
+        "resumed_from": run.ckpt_path,
+        "fit_seconds": round(fit_seconds, 2),
+        "samples_per_second": round(speed.samples_per_second, 2) if speed.samples_per_second else None,
+        "metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")},
+        "loss": objective.desc,
+    }
+
+
+def _final_student(module: DistillModule, callbacks: list[pl.Callback]) -> nn.Module:
+    """The model to save: the EMA average when kept, else the trained student (unwrapped from torch.compile)."""
+    ema = _one(callbacks, StudentEMA)
+    if ema is not None and ema.averaged_student is not None:
+        return ema.averaged_student
+    return getattr(module.student, "_orig_mod", module.student)  # NOTE: torch.compile wraps in an OptimizedModule
+
+
+def _save_outputs(
+    run: _Run,
+    module: DistillModule,
+    callbacks: list[pl.Callback],
+    summary: dict[str, object],
+    config: dict[str, object],
+    student_cfg: StudentCfg,
+    t0: float,
+    *,
+    save_model: bool,
+) -> None:
+    """Rank zero: the final student in open_clip layout (not for an interrupted run) and run.json."""
+    if save_model:
+        save_student(_final_student(module, callbacks), run.root / "student")
+        summary["student_dir"] = str(run.root / "student")
+        summary["checkpoint"] = _one(callbacks, pl.callbacks.ModelCheckpoint).last_model_path or None
+    else:
+        summary["checkpoint"] = str(_one(callbacks, SignalCheckpoint).last_path)
+    record = {
+        **summary,
+        "config": config,
+        "identity": run.identity,
+        "student_cfg": student_cfg.to_dict(),
+        "data_fingerprint": run.spec.fingerprint(),
+        "versions": _versions(),
+        "git_sha": git_sha(),
+        "device": _device_label(),
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    atomic_write_json(run.root / "run.json", round_floats(record))
+    metrics_csv = run.root / "logs" / "metrics.csv"
+    if metrics_csv.is_file():
+        plot_learning_curves(metrics_csv)  # logs/curves.png: loss terms, validation metrics, learning rate
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
 
 
 def _device_label() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     cpu = platform.processor() or platform.machine()
     return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def steps_for(samples: int, batch_size: int) -> int:
-    """Steps needed to see `samples` samples at `batch_size` (helper for recipes)."""
-    return max(1, math.ceil(samples / batch_size))

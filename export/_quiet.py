@@ -1,7 +1,8 @@
 """Keep converter chatter out of a default ``distill export``: progress bars captured, known-harmless warnings dropped.
 
-What is filtered here is only what this package's own calls trigger (the converters it runs); the process-wide
-logging levels belong to ``distill.cli``. Every filter names the message it drops and says why it is harmless.
+What is captured here is only what this package's own calls trigger (the converters it runs); the process-wide
+logging levels and the known-harmless third-party messages (coremltools' version notices, ...) belong to
+``distill.logs``, which the CLI configures once.
 """
 
 from __future__ import annotations
@@ -18,48 +19,13 @@ from collections.abc import Iterator
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "HarmlessMessages",
     "captured_fd2",
     "captured_stderr",
-    "filter_coremltools_warnings",
-    "install_filter",
     "quiet_loggers",
 ]
 
 # tqdm redraws a bar with "\r"; a finished bar ends in a rate ("1124.80 ops/s", "164.58 passes/s")
 _PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\[\d\d:\d\d<")
-
-# Messages coremltools logs at WARNING that say nothing about the exported model (checked with coremltools 9.0).
-# They appear whenever coremltools is imported: by `export.coreml` and by ExecuTorch's CoreML partitioner.
-COREMLTOOLS_HARMLESS = (
-    # the scikit-learn converter is not used here
-    r"scikit-learn version .* is not supported",
-    # coremltools only tests up to an older torch; the export tests check every artifact of the pinned torch
-    r"Torch version .* has not been tested with coremltools",
-    # the native prediction library exists on macOS only; on Linux packages are checked by their spec instead
-    r"Failed to load _ML\w*Proxy",
-    # token ids are int32 by contract (the `text` input); the int64 constants cast are positions and ids < 2**31
-    r"Saving value type of int64 into a builtin type of int32",
-)
-
-
-class HarmlessMessages(logging.Filter):
-    """Drop log records whose message matches one of ``patterns`` (each a documented, harmless message)."""
-
-    def __init__(self, patterns: tuple[str, ...]) -> None:
-        super().__init__()
-        self.regex = re.compile("|".join(f"(?:{p})" for p in patterns))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.regex.search(record.getMessage())
-
-
-def install_filter(logger_name: str, patterns: tuple[str, ...]) -> None:
-    """Attach a `HarmlessMessages` filter to ``logger_name`` once (idempotent)."""
-    target = logging.getLogger(logger_name)
-    if not any(isinstance(f, HarmlessMessages) for f in target.filters):
-        target.addFilter(HarmlessMessages(patterns))
-
 
 @contextlib.contextmanager
 def captured_stderr(source: str) -> Iterator[None]:
@@ -103,11 +69,6 @@ def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     finally:
         for lg, old in zip(loggers, before, strict=True):
             lg.setLevel(old)
-
-
-def filter_coremltools_warnings() -> None:
-    """Drop coremltools' known-harmless warnings (`COREMLTOOLS_HARMLESS`); call before importing coremltools."""
-    install_filter("coremltools", COREMLTOOLS_HARMLESS)
 
 
 @contextlib.contextmanager

@@ -180,9 +180,6 @@ def _onnx_embed(path: Path, threads: int) -> tuple[Embed, bool]:
 
 
 def _coreml_embed(path: Path, tower: str, units: str) -> Embed:
-    from export._quiet import filter_coremltools_warnings
-
-    filter_coremltools_warnings()
     import coremltools as ct  # heavy; macOS only for prediction
     import numpy as np
     from PIL import Image

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export._quiet import captured_stderr, filter_coremltools_warnings, quiet_loggers
+from export._quiet import captured_stderr, quiet_loggers
 from export._report import ExportReport, parity, path_size
 from mcd_common.files import atomic_path
 
@@ -45,7 +45,6 @@ Compression = Literal["none", "palettize2", "palettize4", "palettize6", "paletti
 
 def _import_coremltools():  # noqa: ANN202 - the coremltools module
     """Import coremltools with its known-harmless import-time warnings filtered (`export._quiet`)."""
-    filter_coremltools_warnings()
     import coremltools
 
     return coremltools

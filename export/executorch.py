@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn as nn
 
-from export._quiet import captured_fd2, filter_coremltools_warnings
+from export._quiet import captured_fd2
 from export._report import ExportReport, parity, path_size
 from mcd_common.files import atomic_write_bytes
 
@@ -59,7 +59,6 @@ def available_executorch_backends() -> dict[str, dict[str, object]]:
         ``{"xnnpack": {"lower": bool, "run": bool, "reason": str}, "coreml": {...}, "mps": {...}}``
     """
     out: dict[str, dict[str, object]] = {}
-    filter_coremltools_warnings()  # the CoreML partitioner imports coremltools
     try:
         from executorch.runtime import Runtime
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export._quiet import captured_stderr, install_filter, quiet_loggers
+from export._quiet import captured_stderr, quiet_loggers
 from export._report import ExportReport, parity, path_size
 from mcd_common.files import atomic_path
 
@@ -45,11 +45,6 @@ __all__ = ["OnnxRunner", "export_onnx", "onnx_summary", "quantize_onnx"]
 OUTPUT_NAME = "embedding"
 # loggers of the exporter's graph passes (initializer de-duplication, unused-node removal, ...) at INFO
 _CONVERTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
-# onnxscript's optimiser warns when it leaves a LayerNormalization unfolded (constant folding of a node with
-# unused extra outputs): an optimisation skipped, the node itself is computed at run time
-_HARMLESS = {"onnxscript.optimizer._constant_folding": (r"Skipping constant folding for op",)}
-
-
 def _input_name(tower: str) -> str:
     return "image" if tower == "image" else "text"
 
@@ -169,8 +164,6 @@ def export_onnx(
     path = Path(path)
     report = ExportReport(path=path, format="onnx", tower=tower, backend="onnxruntime", precision="fp32")
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    for name, patterns in _HARMLESS.items():
-        install_filter(name, patterns)
     with quiet_loggers(*_CONVERTER_LOGGERS), captured_stderr("torch.onnx"):
         program = torch.onnx.export(
             encoder,

@@ -76,3 +76,36 @@ def test_unknown_names_list_close_matches(capsys):
         create_student("mobileclip_s00")
     with pytest.raises(KeyError, match="vit_l14.openai"):
         create_teacher("vit_l14.opnai")
+
+
+def _zoo_raising(monkeypatch, exc):
+    import distill.zoo
+
+    def zoo(kind: str = "all") -> dict:
+        """Stand-in job that fails the way a real one can."""
+        raise exc
+
+    monkeypatch.setattr(distill.zoo, "zoo", zoo)
+
+
+def test_a_usage_error_prints_one_line_and_exits_2(monkeypatch, capsys):
+    from mcd_common import UsageError
+
+    _zoo_raising(monkeypatch, UsageError("--kind: pick one of students, teachers"))
+    assert main(["zoo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "distill zoo: error: --kind: pick one of students, teachers\n"
+
+
+@pytest.mark.parametrize("exc", [KeyError("image_emb"), ValueError("shapes differ"), FileNotFoundError("x.tar")])
+def test_an_internal_error_keeps_its_traceback(monkeypatch, exc):
+    # An internal KeyError/ValueError/FileNotFoundError deep in a job is not a usage error: it propagates
+    # (the console script then exits 1 with the traceback) instead of becoming a one-line exit 2.
+    _zoo_raising(monkeypatch, exc)
+    with pytest.raises(type(exc)):
+        main(["zoo"])
+
+
+def test_a_real_validation_error_exits_2(capsys):
+    assert main(["train", "--student", "test_tiny", "--trainer.max_steps", "0"]) == 2
+    assert "--trainer.max_steps must be >= 1" in capsys.readouterr().err

@@ -176,3 +176,50 @@ def test_kd_gradient_flows_to_student_scale_and_features():
     out = AffinityKDLoss({"t": 100.0})(img, _feats(b, d, 1), scale, {"t": _feats(b, d, 2)}, {"t": _feats(b, d, 3)})
     out["kd_loss"].backward()
     assert img.grad.abs().sum() > 0 and scale.grad.abs() > 0
+
+
+def _targets(b, d):
+    return {"teacher_image_features": {"t": _feats(b, d, 3)}, "teacher_text_features": {"t": _feats(b, d, 4)}}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: ClipLoss(),
+        lambda d: AffinityKDLoss({"t": 50.0}),
+        lambda d: FeatureKDLoss(d, {"t": d}),
+        lambda d: ICLLoss(d, {"t": d}),
+        lambda d: DistillLoss(contrastive_weight=1.0, kd_weight=1.0, teacher_logit_scales={"t": 50.0}),
+    ],
+    ids=["clip", "affinity_kd", "feature_kd", "icl", "distill"],
+)
+def test_a_misspelt_key_raises_instead_of_switching_a_term_off(make):
+    b, d = 4, 8
+    loss = make(d)
+    kwargs = {"image_features": _feats(b, d, 0), "text_features": _feats(b, d, 1)}
+    if not isinstance(loss, (FeatureKDLoss, ICLLoss)):
+        kwargs["logit_scale"] = torch.tensor(10.0)
+    if not isinstance(loss, ClipLoss):
+        kwargs.update(_targets(b, d))
+    loss(**kwargs)  # the exact names work
+    with pytest.raises(TypeError, match="teacher_syn_text_feature"):
+        loss(**kwargs, teacher_syn_text_feature={"t": _feats(b, d, 5)})
+
+
+def test_distill_loss_refuses_inconsistent_targets():
+    b, d = 4, 8
+    img, txt, scale = _feats(b, d, 0), _feats(b, d, 1), torch.tensor(10.0)
+    both = DistillLoss(contrastive_weight=1.0, kd_weight=1.0, teacher_logit_scales={"t": 50.0})
+    # A loss with a KD term never silently degrades to contrastive-only when the targets are missing.
+    with pytest.raises(ValueError, match="no teacher targets"):
+        both(img, txt, scale)
+    with pytest.raises(ValueError, match="without syn_text_features"):
+        both(img, txt, scale, **_targets(b, d), teacher_syn_text_features={"t": _feats(b, d, 5)})
+    # A synthetic caption without teacher targets of its own is scored contrastively only (live teacher case).
+    out = both(img, txt, scale, syn_text_features=_feats(b, d, 2), **_targets(b, d))
+    clip, kd = ClipLoss(), AffinityKDLoss({"t": 50.0})
+    t = _targets(b, d)
+    want_con = clip(img, txt, scale)["contrastive_loss"] + clip(img, _feats(b, d, 2), scale)["contrastive_loss"]
+    want_kd = kd(img, txt, scale, t["teacher_image_features"], t["teacher_text_features"])["kd_loss"]
+    assert out["contrastive_loss"].item() == pytest.approx(want_con.item(), rel=1e-6)
+    assert out["kd_loss"].item() == pytest.approx(want_kd.item(), rel=1e-6)
