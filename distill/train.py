@@ -254,7 +254,11 @@ def train(
         hparams=hparams,
     )
     if trainer.compile:
-        module.student = torch.compile(module.student)
+        # NOTE: compile each tower in place. `torch.compile(student)` only wraps `student.__call__`, which
+        # DistillModule never calls (it uses normalize/encode_image/encode_text), so it compiled nothing and renamed
+        # every checkpoint key to `student._orig_mod.*`. `Module.compile()` keeps the keys; deepcopies are eager.
+        for tower in (module.student.visual, module.student.text):
+            tower.compile()
 
     callbacks, ckpt_cb = _callbacks(trainer, root)
     from distill.callbacks import Throughput
