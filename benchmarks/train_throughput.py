@@ -270,8 +270,7 @@ def memory_module(cfg: StepCfg, syn: bool = True, preset: str = "mobileclip", cl
     device = torch.device(cfg.device)
     student = create_student(cfg.student)
     module = build_module(student, preset, cfg.warmup + cfg.steps, cfg.channels_last)
-    if cfg.channels_last:
-        student.visual.to(memory_format=torch.channels_last)
+    # NOTE: channels_last converts the images only (DistillModule's forward), not the weights: as `distill train`.
     if cfg.compile:
         compile_towers(student, cfg.compile_backend)
     batch = reinforced_batch(student, cfg.batch_size, device, syn=syn)
@@ -442,6 +441,9 @@ def overhead(student_name: str, batch_size: int, rounds: int, warmup: int, profi
                 dt = loop.step()
                 if self.n > warmup:
                     times[name].append(dt)
+            if self.n > warmup and times["lightning"]:
+                row = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v)
+                print(f"overhead round {self.n - warmup}: {row}", flush=True)  # progress of a long CPU run
             self.mark = time.perf_counter()
 
     loader = torch.utils.data.DataLoader(_MemoryBatches(batch), batch_size=None)
