@@ -82,7 +82,7 @@ class StudentEMA(pl.Callback):
         self._pending_state: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        student = getattr(pl_module.student, "_orig_mod", pl_module.student)
+        student = pl_module.student
         self.averaged_student = copy.deepcopy(student).eval().requires_grad_(False)
         if self._pending_state is not None:
             self.averaged_student.load_state_dict(self._pending_state)
@@ -90,7 +90,7 @@ class StudentEMA(pl.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        student = getattr(pl_module.student, "_orig_mod", pl_module.student)
+        student = pl_module.student
         # Warm-up the decay like timm's ModelEmaV3, so early averages are not dominated by the random init.
         step = trainer.global_step
         decay = min(self.decay, (1 + step) / (10 + step))
@@ -312,7 +312,7 @@ class L0PruningCallback(pl.Callback):
         self._t0 = time.perf_counter()
         if self.pruned:
             return
-        student = getattr(pl_module.student, "_orig_mod", pl_module.student)
+        student = pl_module.student
         self.pruner = L0Pruner(
             student,
             target_sparsity=self.args.target_sparsity,

@@ -455,7 +455,11 @@ def _build_module(
         hparams=hparams,
     )
     if trainer.compile:
-        module.student = torch.compile(module.student)
+        # NOTE: compile each tower in place. `torch.compile(student)` only wraps `student.__call__`, which
+        # DistillModule never calls (it uses normalize/encode_image/encode_text), so it compiled nothing and renamed
+        # every checkpoint key to `student._orig_mod.*`. `Module.compile()` keeps the keys; deepcopies are eager.
+        for tower in (module.student.visual, module.student.text):
+            tower.compile()
     return module
 
 
@@ -561,11 +565,11 @@ def _summary(
 
 
 def _final_student(module: DistillModule, callbacks: list[pl.Callback]) -> nn.Module:
-    """The model to save: the EMA average when kept, else the trained student (unwrapped from torch.compile)."""
+    """The model to save: the EMA average when kept, else the trained student."""
     ema = _one(callbacks, StudentEMA)
     if ema is not None and ema.averaged_student is not None:
         return ema.averaged_student
-    return getattr(module.student, "_orig_mod", module.student)  # NOTE: torch.compile wraps in an OptimizedModule
+    return module.student
 
 
 def _save_outputs(
