@@ -3,7 +3,7 @@
 `export` loads the student with ``students.load_student``, prepares its towers (`export.prepare`), runs one
 exporter per requested format (the `FORMATS` table: a format is a function from an `ExportJob` to reports),
 checks each artifact against PyTorch on fixed inputs, measures what int8 changes, and writes ``manifest.json``,
-``export_report.json``, the CLIP tokenizer files and (optionally) class embeddings next to the models. It
+``export_report.json``, the student's tokenizer files and (optionally) class embeddings next to the models. It
 returns a summary whose ``_table`` is what the CLI prints.
 
 Calibration data for int8 (a folder of images, or webdataset ``.tar`` shards) is read with ``mcd_common.tars`` and
@@ -692,7 +692,7 @@ def _manifest(
             "towers": stats,
             "caption_decoder": "PyTorch only (not exported)" if hasattr(student, "text_decoder") else None,
         },
-        "tokenizer": bundle.write_tokenizer_files(job.out) | {"context_length": meta["context_length"]},
+        "tokenizer": bundle.write_student_tokenizer(job.out, student, meta["context_length"]),
         "artifacts": [_artifact_entry(r, meta, job.options.onnx_dynamic_batch) for r in reports],
         "int8_quality": quality,
         "skipped": job.skipped,

@@ -1,9 +1,12 @@
-"""App bundle written next to the exported models: manifest, CLIP BPE tokenizer files, class embeddings.
+"""App bundle written next to the exported models: manifest, tokenizer files, class embeddings.
 
 * ``clip-vocab.json`` (token -> id) and ``clip-merges.txt`` (``#version: 0.2`` header, one merge per line) are
   derived from open_clip's bundled ``bpe_simple_vocab_16e6.txt.gz``, in the form the MobileCLIP iOS app's
   Swift ``CLIPTokenizer`` (and Hugging Face ``CLIPTokenizer``) reads; SOT/EOT are ``<|startoftext|>`` (49406)
   and ``<|endoftext|>`` (49407), padding is 0.
+* ``tokenizer/`` instead, for a student whose text tower is a Hugging Face encoder (`students.hf_text`): that
+  tokenizer's own ``save_pretrained`` files (``tokenizer.json`` for the Rust ``tokenizers`` library and
+  ``AutoTokenizer``), with its special ids, lower-casing and padding rule in the manifest.
 * ``class_embeddings.json``: L2-normalised text embeddings of class names (prompt-ensembled) computed with the
   PyTorch text tower, so an app can classify images without running the text tower.
 * ``manifest.json``: model facts (image size, mean/std, context length, embed dim, logit scale), tokenizer,
@@ -20,13 +23,18 @@ import importlib.metadata
 import json
 import logging
 import platform
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from mcd_common.files import atomic_write_bytes, atomic_write_text
+from mcd_common.files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+
+if TYPE_CHECKING:  # annotations only: transformers is heavy and only Hugging Face text towers need it
+    from transformers import PreTrainedTokenizerBase
 
 _logger = logging.getLogger(__name__)
 
@@ -35,12 +43,15 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "MANIFEST_NAME",
     "MERGES_NAME",
+    "TOKENIZER_DIR",
     "VOCAB_NAME",
     "class_embeddings",
     "read_manifest",
     "versions",
     "write_class_embeddings",
+    "write_hf_tokenizer",
     "write_json",
+    "write_student_tokenizer",
     "write_tokenizer_files",
 ]
 
@@ -48,6 +59,8 @@ MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "clip-vocab.json"
 MERGES_NAME = "clip-merges.txt"
 CLASS_EMBEDDINGS_NAME = "class_embeddings.json"
+TOKENIZER_DIR = "tokenizer"
+"""Folder of a Hugging Face text tower's tokenizer (``save_pretrained``) in the bundle."""
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 SOT_ID = 49406
@@ -96,6 +109,7 @@ def write_tokenizer_files(out: Path) -> dict[str, object]:
         "type": "clip_bpe",
         "vocab": VOCAB_NAME,
         "merges": MERGES_NAME,
+        "files": _file_entries(out, [out / VOCAB_NAME, out / MERGES_NAME]),
         "vocab_size": len(vocab),
         "sot_token": SOT_TOKEN,
         "eot_token": EOT_TOKEN,
@@ -106,6 +120,78 @@ def write_tokenizer_files(out: Path) -> dict[str, object]:
         "pattern": r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         "truncation": "keep the first context_length - 1 ids and end with EOT (open_clip)",
     }
+
+
+def _file_entries(root: Path, paths: Sequence[Path]) -> list[dict[str, str]]:
+    """``[{"file": path relative to root, "sha256": ...}]`` in sorted order."""
+    return [{"file": p.relative_to(root).as_posix(), "sha256": sha256_file(p)} for p in sorted(paths)]
+
+
+def _lowercase(tok: PreTrainedTokenizerBase) -> bool | None:
+    """Whether the tokenizer lower-cases (``do_lower_case``, else its normalizer's ``lowercase``); None if unknown."""
+    value = getattr(tok, "do_lower_case", None)
+    normalizer = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
+    if value is None and normalizer is not None:
+        value = json.loads(normalizer.__getstate__()).get("lowercase")
+    return None if value is None else bool(value)
+
+
+def _special(tok: PreTrainedTokenizerBase, name: str) -> dict[str, object]:
+    token, token_id = getattr(tok, f"{name}_token", None), getattr(tok, f"{name}_token_id", None)
+    return {f"{name}_token": None if token is None else str(token), f"{name}_token_id": token_id}
+
+
+def write_hf_tokenizer(out: Path, tok: PreTrainedTokenizerBase, context_length: int) -> dict[str, object]:
+    """Write a Hugging Face tokenizer (``save_pretrained``) into ``out/tokenizer``; returns the manifest entry.
+
+    The entry says how the student tokenises (what an app must repeat): special tokens added, right padding with
+    ``pad_token_id`` to ``context_length``, truncation to ``context_length``. The exported text towers take the
+    ids alone: the attention mask is computed inside them (``ids != pad_token_id``), as `students.hf_text` does.
+    """
+    out = Path(out)
+    with atomic_path(out / TOKENIZER_DIR) as tmp:
+        tok.save_pretrained(tmp)
+    for stale in (VOCAB_NAME, MERGES_NAME):  # a CLIP student exported into the same folder before
+        (out / stale).unlink(missing_ok=True)
+    model_max = getattr(tok, "model_max_length", None)
+    return {
+        "type": "hf",
+        "dir": TOKENIZER_DIR,
+        "class": type(tok).__name__,
+        "files": _file_entries(out, [p for p in (out / TOKENIZER_DIR).rglob("*") if p.is_file()]),
+        "vocab_size": len(tok),
+        **_special(tok, "pad"),
+        **_special(tok, "cls"),
+        **_special(tok, "sep"),
+        **_special(tok, "unk"),
+        "lowercase": _lowercase(tok),
+        "context_length": int(context_length),
+        "model_max_length": model_max if isinstance(model_max, int) and model_max < 1_000_000 else None,
+        "add_special_tokens": True,
+        "padding": f"{getattr(tok, 'padding_side', 'right')}, with pad_token_id, to context_length",
+        "truncation": f"{getattr(tok, 'truncation_side', 'right')}: to context_length ids, special tokens kept",
+        "model_inputs": ["input_ids"],
+        "attention_mask_input": False,
+        "note": "the text model takes int32 input_ids only; it masks the ids equal to pad_token_id itself "
+        "(no attention_mask or token_type_ids input)",
+    }
+
+
+def write_student_tokenizer(out: Path, student: torch.nn.Module, context_length: int) -> dict[str, object]:
+    """Write the student's tokenizer files into ``out``; returns the manifest's tokenizer entry.
+
+    A Hugging Face text tower gets its own tokenizer (`write_hf_tokenizer`); every other student tokenises with
+    CLIP BPE (`write_tokenizer_files`).
+    """
+    # NOTE: lazy: students imports open_clip (heavy); an exported student has imported it already
+    from students.hf_text import HFTokenizer
+
+    text_tokenizer = getattr(student, "text_tokenizer", None)
+    tok = text_tokenizer() if callable(text_tokenizer) else None
+    if isinstance(tok, HFTokenizer):
+        return write_hf_tokenizer(out, tok.tokenizer, context_length)
+    shutil.rmtree(Path(out) / TOKENIZER_DIR, ignore_errors=True)  # a Hugging Face student exported here before
+    return write_tokenizer_files(out) | {"context_length": int(context_length)}
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import regex
 import torch
 
 from export import bundle
+from mcd_common.files import sha256_file
 
 
 def _bpe_encode(text: str, vocab: dict[str, int], ranks: dict[tuple[str, str], int], context_length: int) -> list[int]:
@@ -84,3 +85,32 @@ def test_versions() -> None:
     for dist in ("executorch", "coremltools", "onnx", "onnxruntime", "onnxscript", "transformers"):
         assert v[dist] != "not installed", dist
     assert v["torch"]
+
+
+def test_hf_text_student_bundles_its_own_tokenizer(tiny_hf_text_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    import students
+    from export.api import export
+
+    torch.manual_seed(0)
+    student = students.create_student("test_tiny_hf", hf_model_dir=str(tiny_hf_text_dir))
+    students.save_student(student, tmp_path / "student")
+    out = tmp_path / "bundle"
+    summary = export(tmp_path / "student", out, "onnx", class_names=["red circle"])
+    assert summary["ok"]
+    entry = bundle.read_manifest(out)["tokenizer"]
+    assert entry["type"] == "hf" and entry["dir"] == bundle.TOKENIZER_DIR and entry["attention_mask_input"] is False
+    assert not (out / bundle.VOCAB_NAME).exists() and not (out / bundle.MERGES_NAME).exists()
+    files = {f["file"]: f["sha256"] for f in entry["files"]}
+    assert f"{bundle.TOKENIZER_DIR}/tokenizer.json" in files
+    assert all(sha256_file(out / name) == digest for name, digest in files.items())
+    tok = AutoTokenizer.from_pretrained(out / entry["dir"], local_files_only=True)
+    assert (entry["pad_token_id"], entry["cls_token_id"], entry["sep_token_id"], entry["unk_token_id"]) == (0, 2, 3, 1)
+    assert entry["lowercase"] is True and entry["context_length"] == student.context_length
+    sentences = ["A photo of a RED circle.", "two blue squares left of a star " * 20]  # the second is truncated
+    ids = tok(sentences, padding="max_length", max_length=entry["context_length"], truncation=True)["input_ids"]
+    assert ids == student.tokenize(sentences).tolist()
+    # the class embeddings are the student's own tokens through its text tower
+    emb = json.loads((out / bundle.CLASS_EMBEDDINGS_NAME).read_text())["embeddings"]
+    torch.testing.assert_close(torch.tensor(emb), bundle.class_embeddings(student, ["red circle"]), atol=1e-6, rtol=0)
