@@ -71,8 +71,9 @@ def machine_line(summary: dict) -> str:
 
 def table(summary: dict) -> str:
     """The markdown table: teacher, student from scratch, student distilled from reinforced data."""
+    teacher_bs = summary.get("teacher_batch_size", summary["batch_size"])
     rows = [
-        ("teacher", f"teacher `{summary['teacher_arch']}` (scratch, {summary['teacher_steps']} steps)"),
+        ("teacher", f"teacher `{summary['teacher_arch']}` (scratch, {summary['teacher_steps']} steps x {teacher_bs})"),
         ("student_scratch", f"student `{summary['student_arch']}` scratch ({summary['student_steps']} steps)"),
         ("student_kd", f"student `{summary['student_arch']}` reinforced KD ({summary['student_steps']} steps)"),
     ]

@@ -1,7 +1,9 @@
 """`distill demo`: the whole toolkit end to end on the embedded corpus, on a laptop CPU, with no download.
 
 1. generate the shapes corpus;
-2. train a tiny CLIP teacher from scratch (contrastive) and evaluate it;
+2. train a tiny CLIP teacher from scratch (contrastive) and evaluate it: no pretrained teacher can be downloaded, so
+   the teacher's advantage is compute - it sees ten times the student's training samples (1,000 steps x 128
+   against 200 x 64), the stand-in for the larger data and model of a real teacher;
 3. `build-data`: reinforce the corpus with that teacher (K stored augmentations + teacher embeddings);
 4. train a small student from the reinforced shards (MobileCLIP KD, no teacher at train time), and the same
    student from scratch for the same number of steps, and evaluate both;
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ class _Demo:
     teacher_steps: int
     student_steps: int
     batch_size: int
+    teacher_batch_size: int
     num_augs: int
     num_workers: int
     seed: int
@@ -73,12 +76,13 @@ class _Demo:
 
 def demo(
     out: Path = Path("demo_out"),
-    teacher: str = "tiny_mci",
+    teacher: str = "tiny_vit_s",
     student: str = "tiny_vit_s",
     image_size: int = 32,
-    teacher_steps: int = 400,
-    student_steps: int = 300,
+    teacher_steps: int = 1000,
+    student_steps: int = 200,
     batch_size: int = 64,
+    teacher_batch_size: int = 128,
     num_augs: int = 4,
     num_workers: int | None = None,
     seed: int = 0,
@@ -94,7 +98,8 @@ def demo(
         image_size: Input resolution of teacher and students (32 px keeps the demo within minutes on 2 cores).
         teacher_steps: Teacher training steps.
         student_steps: Student training steps (distilled and scratch baselines alike).
-        batch_size: Batch size of every training run.
+        batch_size: Batch size of the student runs.
+        teacher_batch_size: Batch size of the teacher run.
         num_augs: Augmentations stored per image by build-data.
         num_workers: DataLoader workers (default: 1 on <= 2 cores, else 2; the rest of the cores run torch).
         seed: Seed of every step.
@@ -111,15 +116,16 @@ def demo(
     torch.set_num_threads(max(1, cores - num_workers))
     if quick:
         teacher, student, image_size = "test_tiny", "test_tiny", 32
-        teacher_steps, student_steps, batch_size, num_augs = 3, 3, 16, 2
+        teacher_steps, student_steps, batch_size, teacher_batch_size, num_augs = 3, 3, 16, 16, 2
     d = _Demo(
-        Path(out).expanduser(), teacher, student, image_size, teacher_steps, student_steps, batch_size, num_augs,
-        num_workers, seed, quick,
+        Path(out).expanduser(), teacher, student, image_size, teacher_steps, student_steps, batch_size,
+        teacher_batch_size, num_augs, num_workers, seed, quick,
     )  # fmt: skip
     d.out.mkdir(parents=True, exist_ok=True)
     d.summary.update(
         out=str(d.out), teacher_arch=teacher, student_arch=student, image_size=image_size,
         teacher_steps=teacher_steps, student_steps=student_steps, batch_size=batch_size,
+        teacher_batch_size=teacher_batch_size,
         torch_threads=torch.get_num_threads(), num_workers=num_workers,
     )  # fmt: skip
     t_all = time.time()
@@ -150,8 +156,9 @@ def _corpus(d: _Demo) -> tuple[dict, DataArgs, EvalArgs]:
 
 def _teacher(d: _Demo, data: DataArgs, val: EvalArgs) -> Path:
     """Step 2: train the demo's own teacher from scratch and evaluate it."""
-    t = d.step(f"2/5 train the demo teacher ({d.teacher}, scratch, {d.teacher_steps} steps)")
-    res = d.train_run("teacher", d.teacher, d.teacher_steps, data, val, loss=LossArgs(preset="contrastive"))
+    t = d.step(f"2/5 train the demo teacher ({d.teacher}, scratch, {d.teacher_steps} steps x {d.teacher_batch_size})")
+    teacher_data = replace(data, batch_size=d.teacher_batch_size)
+    res = d.train_run("teacher", d.teacher, d.teacher_steps, teacher_data, val, loss=LossArgs(preset="contrastive"))
     d.times["teacher_train"] = time.time() - t
     teacher_dir = Path(res["student_dir"])
     d.summary["teacher"] = evaluate(teacher=f"local-dir:{teacher_dir}", data=val)
@@ -209,8 +216,9 @@ def _export_and_bench(d: _Demo, kd_dir: Path, meta: dict) -> None:
 
 def _table(s: dict[str, object]) -> str:
     rows = [("model", "zero-shot top-1 %", "i2t R@1", "t2i R@1", "t2i R@5")]
+    teacher_run = f"{s['teacher_steps']} x {s.get('teacher_batch_size', s.get('batch_size'))}"
     for key, label in (
-        ("teacher", f"teacher {s['teacher_arch']} (scratch)"),
+        ("teacher", f"teacher {s['teacher_arch']} (scratch, {teacher_run})"),
         ("student_scratch", f"student {s['student_arch']} scratch"),
         ("student_kd", f"student {s['student_arch']} reinforced KD"),
     ):
