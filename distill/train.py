@@ -457,10 +457,11 @@ def _log_parameters(model: CLIPStudent) -> None:
     _logger.info("student %s: %.2f M parameters, %.2f M trainable", model.cfg.name, total / 1e6, trainable / 1e6)
 
 
-def validation_metrics(dm: DistillDataModule) -> list[str]:
-    """The metrics validation logs with these validation sets (`DistillModule.on_validation_epoch_end`)."""
-    names = ["val/zeroshot_top1"] if dm.zeroshot_set is not None else []
-    if dm.retrieval_set is not None:
+def validation_metrics(zeroshot: bool, retrieval: bool) -> list[str]:
+    """The metrics validation logs (`DistillModule.on_validation_epoch_end`) with a zero-shot and/or a retrieval
+    set."""
+    names = ["val/zeroshot_top1"] if zeroshot else []
+    if retrieval:
         names += [f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]  # distill.evaluate.retrieval_metrics
     return names
 
@@ -469,7 +470,7 @@ def _check_save_best(trainer: TrainerArgs, dm: DistillDataModule) -> None:
     """`--trainer.save_best` names a metric validation logs (a typo would fail only at the first validation)."""
     if trainer.save_best is None:
         return
-    logged = validation_metrics(dm)
+    logged = validation_metrics(dm.zeroshot_set is not None, dm.retrieval_set is not None)
     if not logged:
         raise UsageError(
             f"--trainer.save_best {trainer.save_best}: this run has no validation set; pass --val.retrieval "
