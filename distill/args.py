@@ -58,6 +58,9 @@ class TrainerArgs:
     else refuse; `never`: start over; or a .ckpt path (checked the same way)."""
     enable_progress_bar: bool = True
     """Show Lightning's progress bar."""
+    save_best: str | None = None
+    """Also keep `checkpoints/best.ckpt`, the checkpoint that scored best on this validation metric (e.g.
+    `val/t2i_R@1`, `val/zeroshot_top1`; higher is better), beside last.ckpt; null keeps only last.ckpt."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -66,6 +69,10 @@ class TrainerArgs:
             raise UsageError(f"--trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise UsageError(f"--trainer.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.save_best is not None and not self.save_best.startswith("val/"):
+            raise UsageError(
+                f"--trainer.save_best {self.save_best}: name a validation metric, e.g. val/t2i_R@1 or val/zeroshot_top1"
+            )
 
 
 @dataclass
@@ -105,7 +112,7 @@ class DataArgs:
     captions: str | None = None
     """Captions file (CSV `image,caption` or JSONL) when `path` is an image folder."""
     split_file: str | None = None
-    """Optional list of image file names to keep (e.g. flickr8k splits/train.txt)."""
+    """Images to keep, one name per line (e.g. flickr8k splits/train.txt)."""
     batch_size: int = 256
     """Per-device batch size (affinity losses want many negatives: >= 128 recommended)."""
     num_workers: int = 2
@@ -244,11 +251,14 @@ class EvalArgs:
     templates: tuple[str, ...] | None = None
     """Prompt templates with `{}` for the class name; null: the set's own (`corpus.json`) or CLIP's ensemble."""
     retrieval: str | None = None
-    """Image-caption set for image<->text retrieval: shards, or an image folder with `retrieval_captions`."""
-    retrieval_captions: str | None = None
-    """Captions file (CSV/JSONL) when `retrieval` is an image folder."""
-    retrieval_split_file: str | None = None
-    """Optional list of images to keep (e.g. flickr8k splits/test.txt)."""
+    """Image-caption set for image<->text retrieval: shards, a directory holding `images/` + `captions.csv`
+    (flickr8k), or an image folder with `captions`."""
+    captions: str | None = None
+    """Captions file (CSV `image,caption` or JSONL) of the retrieval set when `retrieval` is an image folder (was
+    `retrieval_captions`)."""
+    split_file: str | None = None
+    """Images of the retrieval set to keep, one name per line (e.g. flickr8k splits/test.txt; was
+    `retrieval_split_file`)."""
     max_images: int | None = None
     """Cap the number of images per set (quick checks)."""
     batch_size: int = 128

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 
+import yaml
 from jsonargparse import CLI, set_parsing_settings
 
 from distill.compare import compare_positionals
@@ -25,6 +27,8 @@ from distill.recipes import resolve_config_args
 from mcd_common import UsageError
 
 __all__ = ["main"]
+
+_logger = logging.getLogger(__name__)
 
 # Subcommand -> (module, function). The key "eval" maps to `evaluate`: a function named `eval` would shadow the builtin.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -46,26 +50,86 @@ def _load(name: str) -> Callable[..., object]:
 
 
 def _rename_deprecated_flags(command: str, args: list[str]) -> list[str]:
-    """Old flag spellings -> new ones, with a deprecation warning (accepted for one release).
+    """Old flag spellings -> new ones, with a deprecation warning logged (accepted for one release).
 
-    A subcommand module lists its renames in `DEPRECATED_FLAGS` (`{"--args.format": "--format", ...}`); both
-    `--old value` and `--old=value` are rewritten.
+    A subcommand module lists its renames in `DEPRECATED_FLAGS` (`{"--args.format": "--format", "--input":
+    "--data.path", ...}`); both `--old value` and `--old=value` are rewritten, and so are the same keys in a
+    `--config` file (`--print_config` dumps hold every key, so each user config would otherwise stop parsing).
     """
     if command not in SUBCOMMANDS:
         return args
     renames: dict[str, str] = getattr(importlib.import_module(SUBCOMMANDS[command][0]), "DEPRECATED_FLAGS", {})
-    out = []
+    if not renames:
+        return args
+    out: list[str] = []
+    config_next = False
     for arg in args:
+        if config_next:
+            out.append(_rename_config_keys(command, arg, renames))
+            config_next = False
+            continue
         flag, eq, value = arg.partition("=")
-        if flag in renames:
-            warnings.warn(
-                f"distill {command}: {flag} is deprecated and will be removed in the next release; use {renames[flag]}",
-                FutureWarning,
-                stacklevel=3,
+        if flag == "--config":
+            config_next = not eq
+            arg = f"--config={_rename_config_keys(command, value, renames)}" if eq else arg
+        elif flag in renames:
+            _logger.warning(
+                "distill %s: %s is deprecated and will be removed in the next release; use %s",
+                command,
+                flag,
+                renames[flag],
             )
             arg = renames[flag] + eq + value
         out.append(arg)
     return out
+
+
+def _rename_config_keys(command: str, value: str, renames: dict[str, str]) -> str:
+    """A `--config` value (a file or inline YAML) with deprecated keys moved to their new place, as inline YAML.
+
+    A key is the flag without `--`, dotted into groups (`--input` -> `input`, `--data.path` -> `data: {path}`).
+    Returns `value` itself when it holds no deprecated key (or is not a YAML mapping).
+    """
+    path = Path(value).expanduser()
+    try:
+        config = yaml.safe_load(path.read_text() if path.is_file() else value)
+    except (OSError, yaml.YAMLError):
+        return value  # jsonargparse reports what is wrong with it
+    if not isinstance(config, dict):
+        return value
+    moved = []
+    for old, new in renames.items():
+        *old_groups, old_key = old.removeprefix("--").split(".")
+        parent = config
+        for group in old_groups:
+            parent = parent.get(group) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_key not in parent:
+            continue
+        item = parent.pop(old_key)
+        *new_groups, new_key = new.removeprefix("--").split(".")
+        target = config
+        for group in new_groups:
+            if not isinstance(target.get(group), dict):
+                target[group] = {}  # absent, or null (the group's defaults)
+            target = target[group]
+        target.setdefault(new_key, item)  # NOTE: a config holding both spellings keeps the new one
+        moved.append(f"{old.removeprefix('--')} -> {new.removeprefix('--')}")
+    if not moved:
+        return value
+    for group in {old.removeprefix("--").split(".")[0] for old in renames}:
+        if config.get(group) == {}:
+            del config[group]  # a group whose every key moved (eval's old `data`)
+    where = value if path.is_file() else "the inline --config"
+    _logger.warning(
+        "distill %s: %s uses deprecated keys (%s), accepted until the next release; rewrite it with `distill %s "
+        "--config %s --print_config`",
+        command,
+        where,
+        ", ".join(moved),
+        command,
+        value if path.is_file() else "...",
+    )
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def _print_result(command: str, result: object) -> None:
@@ -105,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     args = compare_positionals(args) if chosen == "compare" else args  # `compare A B` -> --runs (distill.compare)
     names = [chosen] if chosen in SUBCOMMANDS else list(SUBCOMMANDS)
     components = {name: _load(name) for name in names}
-    args = _rename_deprecated_flags(chosen or "", args)
     try:
         # `--config NAME` -> the packaged recipe (distill.recipes); an unknown name is an UnknownNameError
-        result = CLI(components, args=resolve_config_args(args), as_positional=False, prog="distill")
+        args = _rename_deprecated_flags(chosen or "", resolve_config_args(args))
+        result = CLI(components, args=args, as_positional=False, prog="distill")
     except UsageError as err:
         # The user can fix it and the message names the flag or path: one line, no traceback.
         print(f"distill {chosen or ''}: error: {err}", file=sys.stderr)

@@ -373,8 +373,8 @@ class DistillDataModule(pl.LightningDataModule):
                 self.retrieval_set,
                 self.image_size,
                 self.interpolation,
-                self.val.retrieval_captions,
-                self.val.retrieval_split_file,
+                self.val.captions,
+                self.val.split_file,
                 self.val.max_images,
             )
             loaders.append(

@@ -27,7 +27,7 @@ from distill.train import train
 from export.api import export as export_fn
 from export.bench import bench
 from mcd_common.files import atomic_write_json
-from reinforced_data.build import BuildArgs, build_data
+from reinforced_data.build import BuildArgs, InputArgs, build_data
 from reinforced_data.shapes import CorpusCfg, write_shapes_corpus
 
 _logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _teacher(d: _Demo, data: DataArgs, val: EvalArgs) -> Path:
     res = d.train_run("teacher", d.teacher, d.teacher_steps, teacher_data, val, loss=LossArgs(preset="contrastive"))
     d.times["teacher_train"] = time.time() - t
     teacher_dir = Path(res["student_dir"])
-    d.summary["teacher"] = evaluate(teacher=f"local-dir:{teacher_dir}", data=val)
+    d.summary["teacher"] = evaluate(teacher=f"local-dir:{teacher_dir}", val=val)
     return teacher_dir
 
 
@@ -174,7 +174,10 @@ def _reinforce(d: _Demo, teacher_dir: Path) -> Path:
         progress=False,
     )  # fmt: skip
     d.summary["build_data"] = build_data(
-        out=reinforced, input=str(d.out / "corpus" / "train"), teacher=f"local-dir:{teacher_dir}", build=build
+        out=reinforced,
+        data=InputArgs(path=str(d.out / "corpus" / "train")),
+        teacher=f"local-dir:{teacher_dir}",
+        build=build,
     )
     d.times["build_data"] = time.time() - t
     return reinforced
@@ -192,8 +195,8 @@ def _students(d: _Demo, data: DataArgs, val: EvalArgs, reinforced: Path) -> Path
     scratch = LossArgs(preset="contrastive")
     res_sc = d.train_run("student_scratch", d.student, d.student_steps, data, val, loss=scratch)
     d.times["student_scratch_train"] = time.time() - t
-    d.summary["student_kd"] = evaluate(student=res_kd["student_dir"], data=val)
-    d.summary["student_scratch"] = evaluate(student=res_sc["student_dir"], data=val)
+    d.summary["student_kd"] = evaluate(student=res_kd["student_dir"], val=val)
+    d.summary["student_scratch"] = evaluate(student=res_sc["student_dir"], val=val)
     return Path(res_kd["student_dir"])
 
 

@@ -7,7 +7,7 @@ Retrieval reports Recall@1/5/10 in both directions over an image-caption set wit
 
 An image that cannot be decoded is left out of the metrics and counted (`zeroshot_skipped`, `retrieval_skipped` in
 the results, with the first files named), never fatal. A retrieval set that ships split files (`splits/*.txt`, as
-flickr8k) evaluated without `--data.retrieval_split_file` is evaluated on every image, training images included:
+flickr8k) evaluated without `--val.split_file` is evaluated on every image, training images included:
 that is warned about, and the results record the split used (`retrieval_split`).
 """
 
@@ -18,6 +18,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import fields
 from pathlib import Path
 
 import braceexpand
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from distill.args import EvalArgs
+from mcd_common.deprecation import renamed_kwargs
 from mcd_common.errors import UsageError
 from mcd_common.files import atomic_write_json
 from mcd_common.images import ImageDecodeError, eval_view
@@ -39,6 +41,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLIP_TEMPLATES",
+    "DEPRECATED_FLAGS",
     "CaptionSet",
     "ImageFolderSet",
     "collate_images",
@@ -48,6 +51,14 @@ __all__ = [
     "retrieval_metrics",
     "zeroshot_classifier",
 ]
+
+# NOTE: the old spellings (eval's sets were a group named `data`, train's validation sets `val`), accepted for one
+# release by distill.cli (flags and --config keys); `evaluate(data=...)` by `renamed_kwargs`.
+DEPRECATED_FLAGS: dict[str, str] = {
+    **{f"--data.{f.name}": f"--val.{f.name}" for f in fields(EvalArgs)},
+    "--data.retrieval_captions": "--val.captions",
+    "--data.retrieval_split_file": "--val.split_file",
+}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # tar members holding the image, in order of preference
@@ -172,7 +183,7 @@ def _no_images(root: Path, folders: list[Path]) -> None:
         pick = "test" if "test" in nested else nested[0]
         raise UsageError(
             f"zero-shot set {root} holds splits ({', '.join(nested)}), not class folders of images: pass "
-            f"--data.zeroshot {root / pick}"
+            f"--val.zeroshot {root / pick}"
         )
     raise UsageError(
         f"zero-shot set {root}: its {len(folders)} class folders hold no image ({', '.join(IMAGE_EXTENSIONS)})"
@@ -254,8 +265,8 @@ def _split_used(source: str | Path, captions: str | Path | None, split_file: str
     if splits:
         test = next((p for p in splits if Path(p).stem == "test"), splits[0])
         _logger.warning(
-            "retrieval set %s has split files (%s) but no --data.retrieval_split_file was given: every image is "
-            "evaluated, training images included; pass --data.retrieval_split_file %s for a held-out score",
+            "retrieval set %s has split files (%s) but no --val.split_file was given: every image is "
+            "evaluated, training images included; pass --val.split_file %s for a held-out score",
             source,
             ", ".join(Path(p).name for p in splits),
             test,
@@ -434,10 +445,11 @@ def run_retrieval(enc: _Encoder, ds: CaptionSet, batch_size: int, workers: int =
     return out
 
 
+@renamed_kwargs({"data": "val"})  # `evaluate(data=EvalArgs(...))`, accepted for one release
 def evaluate(
     student: str | None = None,
     teacher: str | None = None,
-    data: EvalArgs = EvalArgs(),
+    val: EvalArgs = EvalArgs(),  # noqa: B008 - jsonargparse/litgpt dataclass-group default, never mutated
     out: Path | None = None,
     device: str = "auto",
     num_workers: int = 0,
@@ -448,7 +460,8 @@ def evaluate(
         student: A trained student (directory written by `distill train`, or a .ckpt), `local-dir:PATH`, or a
             registered student name (random weights: a chance-level baseline).
         teacher: A teacher name instead (`local-dir:PATH`, `hf:DIR`, a registered name, or a comma list).
-        data: Evaluation sets; with none given, the embedded corpus's zero-shot and retrieval splits.
+        val: Evaluation sets (the `--val.*` group, as `distill train`'s validation sets); with none given, the
+            embedded corpus's zero-shot and retrieval splits.
         out: Write the results JSON here (atomically).
         device: `auto`, `cpu` or `cuda`.
         num_workers: DataLoader workers for decoding.
@@ -467,7 +480,7 @@ def evaluate(
         enc, name = _Encoder(model, "student", dev), student
     else:
         enc, name = _Encoder(create_teacher(teacher), "teacher", dev), teacher
-    zs, ret = data.zeroshot, data.retrieval
+    zs, ret = val.zeroshot, val.retrieval
     if zs is None and ret is None:
         root = default_corpus()
         zs, ret = str(root / "zeroshot"), str(root / "val")
@@ -478,15 +491,13 @@ def evaluate(
         "device": str(dev),
     }
     if zs is not None:
-        ds = ImageFolderSet(zs, enc.image_size, enc.interpolation, data.max_images)
-        templates = list(data.templates or ds.templates or CLIP_TEMPLATES)
-        results.update(run_zeroshot(enc, ds, templates, data.batch_size, num_workers))
+        ds = ImageFolderSet(zs, enc.image_size, enc.interpolation, val.max_images)
+        templates = list(val.templates or ds.templates or CLIP_TEMPLATES)
+        results.update(run_zeroshot(enc, ds, templates, val.batch_size, num_workers))
         results["zeroshot_set"] = str(zs)
     if ret is not None:
-        ds = CaptionSet(
-            ret, enc.image_size, enc.interpolation, data.retrieval_captions, data.retrieval_split_file, data.max_images
-        )
-        results.update(run_retrieval(enc, ds, data.batch_size, num_workers))
+        ds = CaptionSet(ret, enc.image_size, enc.interpolation, val.captions, val.split_file, val.max_images)
+        results.update(run_retrieval(enc, ds, val.batch_size, num_workers))
         results["retrieval_set"] = str(ret)
     if out is not None:
         atomic_write_json(Path(out), results)

@@ -11,6 +11,9 @@
 - **Atomic, never unpickling.** `AtomicCheckpointIO` writes through `mcd_common.files.atomic_path` (temp file in
   the destination directory, fsync, rename, whatever `TMPDIR` is) and reads through `mcd_common.weights`
   (`torch.load(weights_only=True)` passed explicitly, so `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` cannot turn it off).
+- **Schedule.** Resuming with another `--trainer.max_steps` (or `--optim.lr/warmup_steps/min_lr_ratio`) is allowed,
+  the run is the same run, but the cosine schedule is recomputed for the new values from the resumed step on:
+  `check_schedule_change` warns with the learning rate before and after.
 - **History.** `HistoryCSVLogger` keeps the metrics rows logged before the resumed step (Lightning's `CSVLogger`
   deletes `metrics.csv` on every start) and flushes every logging step, so a kill loses no row.
 """
@@ -35,6 +38,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from distill.module import cosine_with_warmup
 from mcd_common import UsageError
 from mcd_common.files import atomic_path, atomic_write_text, remove_stale_temps
 from mcd_common.weights import read_weights
@@ -45,6 +49,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "HistoryCSVLogger",
     "ResumePoint",
+    "check_schedule_change",
     "default_run_dir",
     "find_resume_point",
     "identity_changes",
@@ -198,6 +203,56 @@ def find_resume_point(resume: str, root: Path, identity: dict[str, object]) -> R
         _logger.warning("last.ckpt is damaged: resuming from %s (step %d)", point.path, point.global_step)
     _check_identity(point, identity, "--trainer.resume auto")
     return point
+
+
+_SCHEDULE_KEYS = ("lr", "warmup_steps", "min_lr_ratio")  # the OptimArgs fields the LR schedule is made of
+
+
+def _lr_at(step: int, max_steps: int, optim: dict[str, object]) -> float:
+    # As DistillModule.configure_optimizers: warm-up clipped to max_steps // 5, LambdaLR at `step`.
+    warmup = min(int(optim["warmup_steps"]), max_steps // 5)
+    return float(optim["lr"]) * cosine_with_warmup(step, warmup, max_steps, float(optim["min_lr_ratio"]))
+
+
+def check_schedule_change(point: ResumePoint, *, max_steps: int, optim: dict[str, object]) -> str | None:
+    """Warn when a resumed run's LR schedule differs from the checkpoint's (`--trainer.max_steps`, `--optim.*`).
+
+    The schedule is a function of the step recomputed from the current flags, so a changed horizon bends it from
+    the resumed step on (the learning rate jumps there, and decays to the new `max_steps`).
+
+    Args:
+        point: The checkpoint being resumed (its `hyper_parameters` hold `max_steps` and `optim`).
+        max_steps: This run's `--trainer.max_steps`.
+        optim: This run's `--optim.*` values (`dataclasses.asdict(OptimArgs)`).
+
+    Returns:
+        The warning logged, or None when the schedule is unchanged (or the checkpoint does not record it).
+    """
+    old_max = point.hparams.get("max_steps")
+    old_optim = point.hparams.get("optim")
+    if not isinstance(old_max, int) or not isinstance(old_optim, dict):
+        return None
+    changes = [f"--trainer.max_steps {old_max} -> {max_steps}"] if old_max != max_steps else []
+    changes += [
+        f"--optim.{k} {old_optim[k]} -> {optim[k]}"
+        for k in _SCHEDULE_KEYS
+        if k in old_optim and old_optim[k] != optim[k]
+    ]
+    if not changes:
+        return None
+    step = point.global_step
+    if step >= max_steps:
+        effect = f"the checkpoint is already at step {step}: nothing is left to train"
+    else:
+        old_lr = _lr_at(step, old_max, {**optim, **old_optim})
+        new_lr = _lr_at(step, max_steps, optim)
+        effect = (
+            f"the learning-rate schedule is recomputed from step {step}: lr {old_lr:.3g} (the checkpoint's schedule) "
+            f"-> {new_lr:.3g}, decaying to step {max_steps}"
+        )
+    message = f"resuming {point.path} with a changed schedule ({'; '.join(changes)}): {effect}"
+    _logger.warning("%s", message)
+    return message
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from distill.args import DataArgs, EvalArgs, InheritArgs, LockArgs, LossArgs, Op
 from distill.callbacks import L0PruningCallback, SignalCheckpoint, StudentEMA, Throughput
 from distill.curves import plot_learning_curves
 from distill.data import DataSpec, DistillDataModule, resolve_data
+from distill.logs import current_verbosity
 from distill.losses import DistillLoss
 from distill.module import DistillModule
 from distill.progress import progress_callbacks
@@ -46,6 +48,7 @@ from distill.run_dir import (
     AtomicCheckpointIO,
     HistoryCSVLogger,
     ResumePoint,
+    check_schedule_change,
     default_run_dir,
     find_resume_point,
 )
@@ -68,7 +71,14 @@ from teachers import TeacherEnsemble, WeightSpec, as_ensemble, create_teacher
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["build_loss", "train"]
+__all__ = ["DEPRECATED_FLAGS", "build_loss", "train", "validation_metrics"]
+
+# NOTE: the old spellings of the retrieval set's captions and split files (now named as in --data.*), accepted for
+# one release by distill.cli (flags and --config keys).
+DEPRECATED_FLAGS: dict[str, str] = {
+    "--val.retrieval_captions": "--val.captions",
+    "--val.retrieval_split_file": "--val.split_file",
+}
 
 Mode = Literal["reinforced", "online", "scratch"]
 
@@ -215,9 +225,12 @@ def train(
     _check_paths(student, student_weights, teacher_weights)
     model = _requested_student(student, image_size, context_length, hf_text_dir)
     run = _resolve(student, model, mode, teacher, teacher_weights, data, loss, trainer, inherit, lock)
+    if run.resume is not None:
+        check_schedule_change(run.resume, max_steps=trainer.max_steps, optim=asdict(optim))  # warns on a change
     # build
     model, inherit_report = _build_student(run, teacher, inherit, student_weights, teacher_weights)
     lock_report = lock_student(model, **asdict(lock))  # --lock.* (students.lock): before the optimizer sees them
+    _log_parameters(model)
     objective = _build_objective(run, loss, teacher, teacher_weights, model.embed_dim)
     dm = DistillDataModule(
         run.spec, data, model, mode=run.mode, seed=trainer.seed, val=val, accumulate=trainer.accumulate_grad_batches
@@ -225,11 +238,17 @@ def train(
     hparams = {"student_cfg": model.cfg.to_dict(), "student": student, "teacher_name": teacher, "mode": run.mode}
     hparams |= {"loss": objective.desc, "data": asdict(data), "trainer": asdict(trainer), IDENTITY_KEY: run.identity}
     hparams["schema_version"] = run.spec.schema_version
+    _check_save_best(trainer, dm)
     module = _build_module(model, objective, dm, optim, loss, trainer, hparams)
     callbacks = _callbacks(trainer, inherit, run.root, dm.samples_per_step)
-    progress, show_bar = progress_callbacks(trainer.enable_progress_bar)  # a step bar on a TTY, log lines elsewhere
+    quiet = current_verbosity() < 0  # -q: results and errors only
+    progress, show_bar = progress_callbacks(trainer.enable_progress_bar and not quiet)  # TTY: a bar; else log lines
     callbacks += progress
-    pl_trainer = _build_trainer(trainer, run, callbacks, show_bar)
+    if not quiet and not sys.stdout.isatty():
+        # Lightning's default model summary is a Rich table printed on stdout, into log files too; the plain one
+        # logs at INFO (shown with -v; _log_parameters logs the counts)
+        callbacks.append(pl.callbacks.ModelSummary())
+    pl_trainer = _build_trainer(trainer, run, callbacks, show_bar, quiet=quiet)
     # fit
     fit_t0 = time.time()
     interrupted = _fit(pl_trainer, module, dm, run, callbacks)
@@ -432,6 +451,41 @@ def _build_objective(
     return _Objective(teacher=live, loss=loss, desc=desc)
 
 
+def _log_parameters(model: CLIPStudent) -> None:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _logger.info("student %s: %.2f M parameters, %.2f M trainable", model.cfg.name, total / 1e6, trainable / 1e6)
+
+
+def validation_metrics(zeroshot: bool, retrieval: bool) -> list[str]:
+    """The metrics validation logs (`DistillModule.on_validation_epoch_end`) with a zero-shot and/or a retrieval
+    set."""
+    names = ["val/zeroshot_top1"] if zeroshot else []
+    if retrieval:
+        names += [f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]  # distill.evaluate.retrieval_metrics
+    return names
+
+
+def _check_save_best(trainer: TrainerArgs, dm: DistillDataModule) -> None:
+    """`--trainer.save_best` names a metric validation logs (a typo would fail only at the first validation)."""
+    if trainer.save_best is None:
+        return
+    logged = validation_metrics(dm.zeroshot_set is not None, dm.retrieval_set is not None)
+    if not logged:
+        raise UsageError(
+            f"--trainer.save_best {trainer.save_best}: this run has no validation set; pass --val.retrieval "
+            "and/or --val.zeroshot"
+        )
+    if trainer.save_best not in logged:
+        raise UsageError(f"--trainer.save_best {trainer.save_best}: validation logs {', '.join(logged)}")
+    if trainer.val_check_interval is None:
+        _logger.warning(
+            "--trainer.save_best %s with validation only at the end keeps the final checkpoint; pass "
+            "--trainer.val_check_interval N to validate (and keep the best) every N steps",
+            trainer.save_best,
+        )
+
+
 def _build_module(
     model: CLIPStudent,
     objective: _Objective,
@@ -479,6 +533,20 @@ def _callbacks(args: TrainerArgs, inherit: InheritArgs, root: Path, samples_per_
         Throughput(samples_per_step),
         SignalCheckpoint(root / "checkpoints" / "last.ckpt"),
     ]
+    if args.save_best is not None:
+        # checkpoints/best.ckpt, rewritten (atomically, by AtomicCheckpointIO) whenever validation beats its best
+        cbs.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                filename="best",
+                monitor=args.save_best,
+                mode="max",  # NOTE: every validation metric (top-1, Recall@K) is higher-is-better
+                save_top_k=1,
+                save_last=False,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,  # NOTE: a resumed run overwrites best.ckpt, never writes best-v1.ckpt
+            )
+        )
     if args.ema_decay is not None:
         cbs.append(StudentEMA(args.ema_decay))
     if inherit.source and inherit.mode == "auto":
@@ -486,7 +554,9 @@ def _callbacks(args: TrainerArgs, inherit: InheritArgs, root: Path, samples_per_
     return cbs
 
 
-def _build_trainer(args: TrainerArgs, run: _Run, callbacks: list[pl.Callback], show_bar: bool) -> pl.Trainer:
+def _build_trainer(
+    args: TrainerArgs, run: _Run, callbacks: list[pl.Callback], show_bar: bool, *, quiet: bool = False
+) -> pl.Trainer:
     root = run.root
     loggers = [
         HistoryCSVLogger(root, start_step=run.resume.global_step if run.resume else 0),
@@ -509,6 +579,7 @@ def _build_trainer(args: TrainerArgs, run: _Run, callbacks: list[pl.Callback], s
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=show_bar,
+        enable_model_summary=not quiet,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # NOTE: our resumable sampler shards by rank itself
         deterministic=False,
@@ -550,7 +621,7 @@ def _summary(
     fit_seconds: float,
 ) -> dict[str, object]:
     speed = _one(callbacks, Throughput)
-    return {
+    summary: dict[str, object] = {
         "out": str(run.root),
         "mode": run.mode,
         "student": student,
@@ -562,6 +633,12 @@ def _summary(
         "metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")},
         "loss": objective.desc,
     }
+    best = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor), None)
+    if best is not None:  # --trainer.save_best
+        summary["best_metric"] = best.monitor
+        summary["best_checkpoint"] = best.best_model_path or None
+        summary["best_score"] = float(best.best_model_score) if best.best_model_score is not None else None
+    return summary
 
 
 def _final_student(module: DistillModule, callbacks: list[pl.Callback]) -> nn.Module:

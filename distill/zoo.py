@@ -1,5 +1,5 @@
 """`distill zoo`: every registered student, teacher and captioner with parameter counts, input sizes and the weight
-formats each accepts.
+formats each accepts, and the packaged training recipes (`distill train --config NAME`, `distill.recipes`).
 
 Every count is taken without weights or downloads: students are built on PyTorch's `meta` device (no memory), open_clip
 teachers and captioners from their architecture config on the meta device too, and Hugging Face ones from a
@@ -11,6 +11,7 @@ ml-mobileclip v1 `mobileclip_*.pt`), `tinyclip` (TinyCLIP's fork) and `hf` (tran
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 from collections.abc import Iterator
 from typing import Literal
@@ -18,11 +19,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from distill.recipes import recipe_rows
 from mcd_common import UsageError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["student_rows", "teacher_rows", "captioner_rows", "zoo"]
+__all__ = ["captioner_rows", "student_rows", "teacher_rows", "zoo"]
 
 
 def _count(module: nn.Module) -> float:
@@ -202,15 +204,19 @@ _STUDENT_COLS = [
 _TEACHER_COLS = ["name", "source", "arch", "params_m", "image_params_m", "image_size", "logit_scale", "weight_formats"]
 
 
-def zoo(kind: Literal["all", "students", "teachers", "captioners"] = "all", pattern: str = "*") -> dict:
-    """List registered students, teachers and captioners.
+_RECIPE_COLS = ["name", "student", "teacher", "mode", "loss_preset", "max_steps", "batch_size"]
+
+
+def zoo(kind: Literal["all", "students", "teachers", "captioners", "recipes"] = "all", pattern: str = "*") -> dict:
+    """List registered students, teachers and captioners, and the packaged training recipes.
 
     Args:
-        kind: Which registry to list.
+        kind: Which registry to list (`recipes`: the configs `distill train --config NAME` accepts).
         pattern: fnmatch filter on names (e.g. "mobileclip*").
 
     Returns:
-        `{"students": [...], "teachers": [...], "captioners": [...]}` (the CLI also prints tables).
+        `{"students": [...], "teachers": [...], "captioners": [...], "recipes": [...]}` (the CLI also prints
+        tables).
     """
     out: dict[str, list[dict] | str] = {}
     tables = []
@@ -229,5 +235,11 @@ def zoo(kind: Literal["all", "students", "teachers", "captioners"] = "all", patt
     if kind in ("all", "captioners"):
         out["captioners"] = rows = captioner_rows(pattern)
         tables.append("CAPTIONERS\n" + _format(rows, ["name", "source", "arch", "params_m", "image_size"]))
+    if kind in ("all", "recipes"):
+        out["recipes"] = rows = [r for r in recipe_rows() if fnmatch.fnmatch(r["name"], pattern)]
+        tables.append(
+            "RECIPES (distill train --config NAME, from any directory; teacher '-': none or the reinforced shards')\n"
+            + _format(rows, _RECIPE_COLS)
+        )
     out["_table"] = "\n\n".join(tables)
     return out

@@ -19,7 +19,7 @@ from reinforced_data.augment import (
     replay,
     sample_record,
 )
-from reinforced_data.build import BuildArgs, build_data, dist_env, rebuild_manifest, shard_name
+from reinforced_data.build import BuildArgs, InputArgs, build_data, dist_env, rebuild_manifest, shard_name
 from reinforced_data.reader import (
     ImageTextDataset,
     ReinforcedDataError,
@@ -60,6 +60,7 @@ __all__ = [
     "CorpusCfg",
     "ImageDecodeError",
     "ImageTextDataset",
+    "InputArgs",
     "InputShard",
     "InputStats",
     "RawSample",

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 import teachers
+from mcd_common.deprecation import renamed_kwargs
 from mcd_common.errors import UsageError
 from mcd_common.files import atomic_write_json, sha256_bytes, sha256_file
 from mcd_common.images import ImageDecodeError, center_view, decode_image, to_uint8_tensor
@@ -67,7 +68,7 @@ from reinforced_data.sources import (
 from reinforced_data.verify import verify_dataset
 from reinforced_data.workers import init_worker
 
-__all__ = ["BuildArgs", "build_data", "dist_env", "rebuild_manifest", "shard_name"]
+__all__ = ["DEPRECATED_FLAGS", "BuildArgs", "InputArgs", "build_data", "dist_env", "rebuild_manifest", "shard_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ class BuildArgs:
     """Skip images with more pixels than this (PIL's decompression-bomb limit); null disables the check."""
     max_shards: int | None = None
     """Only process the first N input shards (quick trials)."""
-    corpus_dir: str = DEFAULT_CORPUS_DIR
-    """Where the embedded shapes corpus is generated when no --input is given."""
     device: str = "auto"
     """Torch device; auto: cuda:LOCAL_RANK when CUDA is available, else cpu."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -160,6 +159,32 @@ class BuildArgs:
             raise UsageError(f"--build.max_pixels must be >= 1 (or null), got {self.max_pixels}")
         if self.max_shards is not None and self.max_shards < 1:
             raise UsageError(f"--build.max_shards must be >= 1 (or null), got {self.max_shards}")
+
+
+@dataclass
+class InputArgs:
+    """The images and captions to reinforce (the `--data.*` group: the same names as `distill train`'s data)."""
+
+    path: str | None = None
+    """Webdataset tars (brace patterns, globs, `a::b` lists, or a directory of tars), an image folder (with
+    `captions`), a directory holding `images/` + `captions.csv` (flickr8k), or null for the embedded shapes corpus
+    (its train split)."""
+    captions: str | None = None
+    """Captions file of an image folder: CSV `image,caption` (several rows per image allowed) or JSONL."""
+    split_file: str | None = None
+    """Images to keep, one name per line (e.g. flickr8k splits/train.txt)."""
+    corpus_dir: str = DEFAULT_CORPUS_DIR
+    """Where the embedded shapes corpus is generated when `path` is null."""
+
+
+# NOTE: the old spellings (top-level --input/--captions/--split_file, --build.corpus_dir), accepted for one release by
+# distill.cli (flags and --config keys); `build_data(input=...)` and the others by `renamed_kwargs`.
+DEPRECATED_FLAGS: dict[str, str] = {
+    "--input": "--data.path",
+    "--captions": "--data.captions",
+    "--split_file": "--data.split_file",
+    "--build.corpus_dir": "--data.corpus_dir",
+}
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -678,11 +703,10 @@ class _Totals:
         self.failed.append({"shard": shard_name(plan.shard.index), "input": plan.shard.name, "error": error})
 
 
+@renamed_kwargs({"input": "data.path", "captions": "data.captions", "split_file": "data.split_file"})
 def build_data(
     out: Path | None = None,
-    input: str | None = None,
-    captions: Path | None = None,
-    split_file: Path | None = None,
+    data: InputArgs = InputArgs(),  # noqa: B008 - jsonargparse/litgpt dataclass-group default, never mutated
     teacher: str | None = None,
     captioner: str | None = None,
     build: BuildArgs = BuildArgs(),  # noqa: B008 - jsonargparse/litgpt dataclass-group default, never mutated
@@ -701,11 +725,8 @@ def build_data(
 
     Args:
         out: Output dataset directory.
-        input: Input data: webdataset tars (brace patterns, globs, `a::b` lists, or a directory of tars), an image
-            folder (with --captions), a directory holding `images/` + `captions.csv` (flickr8k), or null for the
-            embedded shapes corpus (train split).
-        captions: Captions file for an image folder: CSV `image,caption` (several rows per image allowed) or JSONL.
-        split_file: Image names to keep, one per line (e.g. flickr8k splits/train.txt).
+        data: Input images and captions (`--data.path`, `--data.captions`, `--data.split_file`, as in `distill
+            train`); with no `--data.path`, the embedded shapes corpus (train split).
         teacher: Teacher name (registered, `open_clip:ARCH@TAG_OR_FILE`, `local-dir:PATH`, `hf:ID_OR_DIR`) or a
             comma-separated ensemble; embeddings are stored in this slice order.
         captioner: Captioner name(s), comma-separated for several (one `syn_text_<tag>` key each); null writes
@@ -734,16 +755,12 @@ def build_data(
         raise UsageError("--teacher is required to build a dataset (e.g. --teacher vit_l14.openai)")
     out = Path(out).expanduser()
     _outdir.check_out_dir(out)  # before any input is generated or any model loaded
-    return _build(
-        out, input, captions, split_file, teacher, captioner, build, teacher_weights, captioner_weights, overwrite
-    )
+    return _build(out, data, teacher, captioner, build, teacher_weights, captioner_weights, overwrite)
 
 
 def _build(
     out: Path,
-    input: str | None,
-    captions: Path | None,
-    split_file: Path | None,
+    data: InputArgs,
     teacher_name: str,
     captioner_names: str | None,
     args: BuildArgs,
@@ -756,12 +773,14 @@ def _build(
     rank, world, local_rank = dist_env()
     device = _resolve_device(args.device, local_rank)
     inputs = InputStats()
+    split_file = Path(data.split_file).expanduser() if data.split_file is not None else None
+    captions = Path(data.captions).expanduser() if data.captions is not None else None
     shards = resolve_inputs(
-        input,
+        data.path,
         captions=captions,
         split_file=split_file,
         shard_size=args.shard_size,
-        corpus_dir=args.corpus_dir,
+        corpus_dir=data.corpus_dir,
         stats=inputs,
     )
     if args.max_shards is not None:
@@ -771,7 +790,8 @@ def _build(
     ens, caps = _load_models(teacher_name, captioner_names, args, device, teacher_weights, captioner_weights)
     aug = _augment_cfg(args, ens)
     teach = _teach_meta(ens, aug)
-    identity = _identity(teach, args, caps, shards, input, inputs, split_file, _precision(args.precision, device))
+    # NOTE: the identity key is still `input`: a dataset built before the --data.path rename resumes
+    identity = _identity(teach, args, caps, shards, data.path, inputs, split_file, _precision(args.precision, device))
     run_lock = _outdir.open_run(out, overwrite)
     claims = _outdir.Claims(out)
     totals = _Totals()

@@ -270,7 +270,7 @@ def resolve_inputs(
 
     paths = expand_paths(spec)
     if not paths:
-        raise UsageError(f"--input {spec!r} matches no file")
+        raise UsageError(f"--data.path {spec!r} matches no file")
     if len(paths) == 1 and os.path.isdir(paths[0]) and (Path(paths[0]) / schema.MANIFEST_FILE).is_file():
         paths = manifest_shards(paths[0])
     elif len(paths) == 1 and os.path.isdir(paths[0]):
@@ -282,9 +282,9 @@ def resolve_inputs(
             return _folder_shards(folder, captions, split_file, shard_size, stats)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise UsageError(f"--input: {len(missing)} shard(s) not found, e.g. {missing[0]!r}")
+        raise UsageError(f"--data.path: {len(missing)} shard(s) not found, e.g. {missing[0]!r}")
     if split_file is not None:
-        _logger.warning("--split_file applies to image folders only; ignored for tar shards")
+        _logger.warning("--data.split_file applies to image folders only; ignored for tar shards")
     return [InputShard(index=k, name=p, kind="tar", path=p) for k, p in enumerate(paths)]
 
 
@@ -304,7 +304,8 @@ def _folder_shards(
                 break
         if captions is None:
             raise UsageError(
-                f"--input {str(folder)!r} is an image folder: pass --captions FILE (CSV `image,caption` or JSONL)"
+                f"--data.path {str(folder)!r} is an image folder: pass --data.captions FILE (CSV `image,caption` "
+                "or JSONL)"
             )
     if (folder / "images").is_dir() and not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir()):
         image_dir = folder / "images"
@@ -321,11 +322,11 @@ def _folder_shards(
         )
     if split_file is not None:
         if not Path(split_file).is_file():
-            raise UsageError(f"--split_file {str(split_file)!r}: no such file")
+            raise UsageError(f"--data.split_file {str(split_file)!r}: no such file")
         keep = {line.strip() for line in Path(split_file).read_text(encoding="utf-8-sig").splitlines() if line.strip()}
         table = {k: v for k, v in table.items() if k in keep or os.path.basename(k) in keep}
         if not table:
-            raise UsageError(f"--split_file {str(split_file)!r} keeps none of the {len(keep)} listed images")
+            raise UsageError(f"--data.split_file {str(split_file)!r} keeps none of the {len(keep)} listed images")
     names = sorted(table)
     shards = []
     for k, start in enumerate(range(0, len(names), shard_size)):

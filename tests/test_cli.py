@@ -109,3 +109,22 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, exc):
 def test_a_real_validation_error_exits_2(capsys):
     assert main(["train", "--student", "test_tiny", "--trainer.max_steps", "0"]) == 2
     assert "--trainer.max_steps must be >= 1" in capsys.readouterr().err
+
+
+def test_zoo_lists_the_recipes_train_accepts_by_name(tmp_path, monkeypatch, capsys):
+    from distill.recipes import recipe_rows
+
+    monkeypatch.chdir(tmp_path)  # packaged recipes, not files of the checkout
+    assert main(["zoo", "--kind", "recipes"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("RECIPES") and "STUDENTS" not in out
+    lines = out.splitlines()
+    for recipe in recipe_rows():
+        (row,) = [line for line in lines if line.startswith(recipe["name"] + " ")]
+        assert row.split()[1] == recipe["student"]
+    assert "mobileclip_s0_reinforced  mobileclip_s0" in out  # name, then the student it trains
+    assert main(["zoo", "--kind", "recipes", "--pattern", "tinyclip*"]) == 0
+    out = capsys.readouterr().out
+    assert "tinyclip_vit40m_online" in out and "mobileclip_s0_reinforced" not in out
+    assert main(["zoo"]) == 0
+    assert "\nRECIPES" in capsys.readouterr().out

@@ -79,8 +79,8 @@ def test_evaluate_teacher_and_student_end_to_end(tmp_path, tiny_corpus):
     sets = dict(zeroshot=str(tiny_corpus / "zeroshot"), retrieval=str(tiny_corpus / "val"))
     from distill.args import EvalArgs
 
-    res_t = evaluate(teacher="test_tiny_ensemble", data=EvalArgs(**sets), out=tmp_path / "t.json")
-    res_s = evaluate(student="test_tiny", data=EvalArgs(**sets))
+    res_t = evaluate(teacher="test_tiny_ensemble", val=EvalArgs(**sets), out=tmp_path / "t.json")
+    res_s = evaluate(student="test_tiny", val=EvalArgs(**sets))
     for res in (res_t, res_s):
         assert res["zeroshot_n"] == 30 and res["retrieval_images"] == 16 and res["retrieval_captions"] == 80
         assert 0.0 <= res["zeroshot_top1"] <= 100.0 and 0.0 <= res["t2i_R@10"] <= 100.0
@@ -172,8 +172,8 @@ def test_zeroshot_dataset_root_instead_of_its_split_names_the_fix(tmp_path):
 
     _zs_folder(tmp_path / "cifar" / "test")
     _zs_folder(tmp_path / "cifar" / "train")
-    with pytest.raises(UsageError, match=r"holds splits \(test, train\).*--data.zeroshot .*cifar/test"):
-        evaluate(teacher="test_tiny", data=EvalArgs(zeroshot=str(tmp_path / "cifar")))
+    with pytest.raises(UsageError, match=r"holds splits \(test, train\).*--val.zeroshot .*cifar/test"):
+        evaluate(teacher="test_tiny", val=EvalArgs(zeroshot=str(tmp_path / "cifar")))
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(UsageError, match="hold no image"):
         ImageFolderSet(tmp_path / "empty", 16)
@@ -184,7 +184,7 @@ def test_a_corrupt_zeroshot_image_is_left_out_and_counted(tmp_path):
 
     root = _zs_folder(tmp_path / "zs")
     (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    res = evaluate(teacher="test_tiny", data=EvalArgs(zeroshot=str(root)), out=tmp_path / "res.json")
+    res = evaluate(teacher="test_tiny", val=EvalArgs(zeroshot=str(root)), out=tmp_path / "res.json")
     assert res["zeroshot_n"] == 4 and res["zeroshot_skipped"] == 1
     assert res["zeroshot_skipped_files"][0].startswith(str(root / "dog" / "broken.png"))
     assert json.loads((tmp_path / "res.json").read_text())["zeroshot_skipped"] == 1
@@ -206,9 +206,9 @@ def test_retrieval_without_a_split_file_warns_and_records_the_split(tmp_path, ca
     (tmp_path / "splits" / "test.txt").write_text("3.jpg\n")
     (tmp_path / "images" / "1.jpg").write_bytes(b"not a jpeg")  # one corrupt image: left out, counted
     with caplog.at_level("WARNING"):
-        res = evaluate(teacher="test_tiny", data=EvalArgs(retrieval=str(tmp_path)))
+        res = evaluate(teacher="test_tiny", val=EvalArgs(retrieval=str(tmp_path)))
     assert "training images included" in caplog.text and "splits/test.txt" in caplog.text
     assert res["retrieval_split"] == "all" and res["retrieval_images"] == 3 and res["retrieval_skipped"] == 1
     split = tmp_path / "splits" / "test.txt"
-    res = evaluate(teacher="test_tiny", data=EvalArgs(retrieval=str(tmp_path), retrieval_split_file=str(split)))
+    res = evaluate(teacher="test_tiny", val=EvalArgs(retrieval=str(tmp_path), split_file=str(split)))
     assert res["retrieval_split"] == str(split) and res["retrieval_images"] == 1

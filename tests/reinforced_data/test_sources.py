@@ -97,7 +97,7 @@ def test_img2dataset_style_members(tmp_path: Path, write_tar, image_bytes):
 
 def test_folder_without_captions_is_an_error(tmp_path: Path, image_bytes):
     (tmp_path / "a.jpg").write_bytes(image_bytes())
-    with pytest.raises(UsageError, match="--captions"):
+    with pytest.raises(UsageError, match="--data.captions"):
         resolve_inputs(tmp_path)
 
 
