@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import gzip
-import importlib.metadata
 import json
 import logging
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mcd_common.files import atomic_write_bytes, atomic_write_text
+from mcd_common.files import atomic_write_bytes, atomic_write_text, package_versions
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +56,11 @@ EOT_ID = 49407
 # 48894 merges + SOT + EOT = 49408 ids.
 _NUM_MERGES = 49152 - 256 - 2
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+_VERSIONED = (
+    *("torch", "executorch", "coremltools", "onnx", "onnxruntime", "onnxscript", "transformers"),
+    *("open_clip_torch", "timm", "torchao", "mobileclip-distill"),
+)
+"""The distributions whose versions shape the artifacts (`versions`)."""
 
 
 def write_json(path: Path, data: object, indent: int | None = 2) -> None:
@@ -71,7 +74,7 @@ def read_manifest(bundle: Path) -> dict[str, object]:
 
 
 def _bpe_merges() -> list[str]:
-    from open_clip.tokenizer import default_bpe
+    from open_clip.tokenizer import default_bpe  # lazy: open_clip imports transformers (heavy)
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     return lines[1 : _NUM_MERGES + 1]  # line 0 is the "#version" header
@@ -79,7 +82,7 @@ def _bpe_merges() -> list[str]:
 
 def write_tokenizer_files(out: Path) -> dict[str, object]:
     """Write ``clip-vocab.json`` and ``clip-merges.txt`` into ``out``; returns the manifest's tokenizer entry."""
-    from open_clip.tokenizer import bytes_to_unicode
+    from open_clip.tokenizer import bytes_to_unicode  # lazy: open_clip imports transformers (heavy)
 
     merges = _bpe_merges()
     byte_tokens = list(bytes_to_unicode().values())
@@ -145,14 +148,7 @@ def write_class_embeddings(
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the artifacts."""
-    out = {"python": platform.python_version()}
-    dists = ("torch", "executorch", "coremltools", "onnx", "onnxruntime", "onnxscript", "transformers")
-    for dist in (*dists, "open_clip_torch", "timm", "torchao", "mobileclip-distill"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    return package_versions(_VERSIONED)
 
 
 def utc_now() -> str:
