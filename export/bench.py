@@ -1,5 +1,6 @@
-"""``distill bench``: latency of every exported artifact (ExecuTorch, ONNX Runtime, CoreML on macOS, Hugging Face)
-next to eager PyTorch, at one thread count, batch 1 and batch N.
+"""``distill bench``: latency of every exported artifact next to eager PyTorch, at batch 1 and batch N.
+
+The artifacts are ExecuTorch, ONNX Runtime, CoreML (on macOS) and Hugging Face models, timed at one thread count.
 
 Protocol (timm ``InferenceBenchmarkRunner`` style; MobileCLIP reports image and text towers separately):
 a fixed thread count for every runtime (torch, the ExecuTorch threadpool, ONNX Runtime's intra-op pool),
@@ -381,7 +382,7 @@ def _measure(artifacts: Path, manifest: dict, opts: BenchOptions, notes: list[st
     batches = sorted({1, opts.batch})
     try:
         with torch.inference_mode():
-            loaded = [_load(c, inputs, opts, batches) for c in cands]
+            loaded = [_load(c, inputs, batches) for c in cands]
             reference = {
                 c.tower: out for c, (_, _, out) in zip(cands, loaded, strict=True) if c.runtime == "pytorch-eager"
             }
@@ -429,9 +430,7 @@ def _call(fn: Embed, x: torch.Tensor, batched: bool) -> Callable[[], object]:
     return lambda: [fn(r) for r in rows]
 
 
-def _load(
-    c: _Candidate, inputs: dict, opts: BenchOptions, batches: list[int]
-) -> tuple[Embed, float | None, torch.Tensor]:
+def _load(c: _Candidate, inputs: dict, batches: list[int]) -> tuple[Embed, float | None, torch.Tensor]:
     """Load one candidate and run it once per batch size: ``(embed, peak MB above the RSS before, batch-1 output)``."""
     before = _reset_peak()
     fn = c.make()
