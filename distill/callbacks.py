@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -328,7 +327,9 @@ class L0PruningCallback(pl.Callback):
             self._pending = None
         pl_module.pruner = self.pruner
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         # NOTE: Lightning has unscaled the main optimizer's gradients just before this hook; the masks' are
         # unscaled here (the scaler records their overflow too) and stepped after the main step, once known.
         if self.pruner is None or self.pruned:
@@ -340,7 +341,7 @@ class L0PruningCallback(pl.Callback):
             scaler.unscale_(self._mask_opt)
         self._step_pending = True
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if self.pruner is None or self.pruned:
             return
         if self._step_pending:

@@ -1,5 +1,6 @@
-"""Every trained student is a teacher: the ``local-dir:`` teacher backend for student directories open_clip cannot
-build the way the student does.
+"""The ``local-dir:`` teacher backend for trained students: every student `distill train` wrote is a teacher.
+
+It serves the student directories open_clip cannot build the way the student does.
 
 `distill train` writes `<run>/student/` in open_clip's directory layout, so most students load as open_clip teachers
 (`teachers.open_clip_teacher`; unchanged). Three kinds do not: the MobileCLIP-S0 MCt text tower (open_clip has none,

@@ -26,9 +26,15 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from export import bundle
 from export._report import ExportReport
+from export.coreml import export_coreml
+from export.executorch import PteRunner, available_executorch_backends, export_executorch
+from export.onnx import OnnxRunner, export_onnx, quantize_onnx
+from export.prepare import example_inputs, prepare_towers, student_meta, vocab_size
+from export.quality import agreement_delta
 from mcd_common import UsageError
 from mcd_common.files import atomic_write_json, git_sha, sha256_path
 from mcd_common.images import eval_view
@@ -190,8 +196,6 @@ def calibration_texts(student: nn.Module, class_names: Sequence[str], templates:
 @torch.no_grad()
 def macs_and_params(encoder: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Parameters (plus buffers the program carries) and MACs of one forward (``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         encoder(*example)
@@ -202,8 +206,6 @@ def macs_and_params(encoder: nn.Module, example: tuple[torch.Tensor, ...]) -> di
 
 def _fixed_inputs(student: nn.Module, image_size: int, context_length: int, seed: int) -> dict[str, list]:
     """Parity inputs: random images in [0, 1] and token rows (synthetic + real sentences)."""
-    from export.prepare import example_inputs, vocab_size
-
     vocab = vocab_size(student.text)
     images, texts = [], []
     for s in range(2):
@@ -252,8 +254,6 @@ class ExportJob:
 
     def towers(self, backend: str) -> dict[str, nn.Module]:
         """``{"image": enc, "text": enc}`` from `export.prepare.prepare_towers` for ``backend``."""
-        from export.prepare import prepare_towers  # timm + open_clip: kept out of `distill export --help`
-
         return dict(zip(("image", "text"), prepare_towers(self.student, backend=backend), strict=True))
 
     def skip(self, message: str) -> None:
@@ -291,9 +291,9 @@ class ExportJob:
 
 def _open_job(checkpoint: Path, out: Path, options: ExportOptions) -> ExportJob:
     """Load the student and build the fixed inputs and references."""
-    # NOTE: students imports open_clip, which imports transformers: lazy so that `distill export --help` is light
+    # NOTE: lazy: students imports open_clip, which imports transformers (heavy; ~1.4 s), kept out of
+    # `distill export --help`
     import students
-    from export.prepare import prepare_towers, student_meta
 
     out.mkdir(parents=True, exist_ok=True)
     student = students.load_student(checkpoint).eval()
@@ -330,8 +330,6 @@ def _tower_stats(job: ExportJob) -> dict[str, dict[str, int]]:
 
 
 def _executorch(job: ExportJob) -> list[ExportReport]:
-    from export.executorch import available_executorch_backends, export_executorch  # executorch is heavy
-
     opts, reports = job.options, []
     available = available_executorch_backends()
     for backend in opts.executorch_backends:
@@ -362,8 +360,6 @@ def _executorch(job: ExportJob) -> list[ExportReport]:
 
 
 def _coreml(job: ExportJob) -> list[ExportReport]:
-    from export.coreml import export_coreml  # coremltools is heavy
-
     opts, reports = job.options, []
     for tower, enc in job.towers("coreml").items():
         variants = ["none"] + ([opts.coreml_compression] if opts.coreml_compression != "none" else [])
@@ -386,8 +382,6 @@ def _coreml(job: ExportJob) -> list[ExportReport]:
 
 
 def _onnx(job: ExportJob) -> list[ExportReport]:
-    from export.onnx import export_onnx, quantize_onnx  # onnx / onnxruntime are heavy
-
     opts, reports = job.options, []
     for tower, enc in job.towers("eager").items():
         fp32 = export_onnx(
@@ -421,7 +415,7 @@ def _onnx(job: ExportJob) -> list[ExportReport]:
 
 
 def _hf(job: ExportJob) -> list[ExportReport]:
-    from export.hf import export_hf  # transformers is heavy
+    from export.hf import export_hf  # lazy: export.hf imports open_clip and transformers (heavy)
 
     return export_hf(
         job.student,
@@ -456,18 +450,12 @@ def _resolve_formats(format: Format | Literal["all"] | list[Format]) -> list[str
 
 def _embedder(report: ExportReport) -> Callable[[torch.Tensor], torch.Tensor]:
     if report.format == "onnx":
-        from export.onnx import OnnxRunner  # onnxruntime is heavy
-
         return OnnxRunner(report.path)
-    from export.executorch import PteRunner  # executorch is heavy
-
     return PteRunner(report.path)
 
 
 def _int8_quality(job: ExportJob, reports: list[ExportReport]) -> dict[str, dict[str, object]]:
     """Per format with int8 artifacts: how often int8 changes the FP32 towers' zero-shot / retrieval answers."""
-    from export.quality import agreement_delta
-
     out: dict[str, dict[str, object]] = {}
     for fmt in ("executorch", "onnx"):
         int8 = {r.tower: r for r in reports if r.format == fmt and r.precision.startswith("int8") and r.cosine}
@@ -569,17 +557,22 @@ def export(
         _logger.info("[%d/%d] %s", i, len(formats), name)
         reports += FORMATS[name](job)
     quality = _int8_quality(job, reports)
-    manifest = _manifest(job, _tower_stats(job), reports, quality)
-    classes = options.all_class_names()
-    if classes:
-        emb = bundle.class_embeddings(job.student, classes, options.templates)
-        manifest["class_embeddings"] = bundle.write_class_embeddings(job.out, classes, emb, options.templates)
-    bundle.write_json(job.out / bundle.MANIFEST_NAME, manifest)
+    _write_manifest(job, reports, quality)
     return _summary(job, reports, quality, time.perf_counter() - t0)
 
 
+def _write_manifest(job: ExportJob, reports: list[ExportReport], quality: dict[str, dict[str, object]]) -> None:
+    """``manifest.json`` (and ``class_embeddings.json`` when class names were given) next to the models."""
+    manifest = _manifest(job, _tower_stats(job), reports, quality)
+    classes = job.options.all_class_names()
+    if classes:
+        emb = bundle.class_embeddings(job.student, classes, job.options.templates)
+        manifest["class_embeddings"] = bundle.write_class_embeddings(job.out, classes, emb, job.options.templates)
+    bundle.write_json(job.out / bundle.MANIFEST_NAME, manifest)
+
+
 def _check_hf(job: ExportJob) -> None:
-    from export.hf import require_hf_expressible  # transformers itself is imported only when exporting
+    from export.hf import require_hf_expressible  # lazy: export.hf imports open_clip and transformers (heavy)
 
     require_hf_expressible(job.student, str(job.checkpoint))
 

@@ -1,5 +1,6 @@
-"""``distill bench``: latency of every exported artifact (ExecuTorch, ONNX Runtime, CoreML on macOS, Hugging Face)
-next to eager PyTorch, at one thread count, batch 1 and batch N.
+"""``distill bench``: latency of every exported artifact next to eager PyTorch, at batch 1 and batch N.
+
+The artifacts are ExecuTorch, ONNX Runtime, CoreML (on macOS) and Hugging Face models, timed at one thread count.
 
 Protocol (timm ``InferenceBenchmarkRunner`` style; MobileCLIP reports image and text towers separately):
 a fixed thread count for every runtime (torch, the ExecuTorch threadpool, ONNX Runtime's intra-op pool),
@@ -26,17 +27,23 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from export import bundle
 from export._report import parity
+from export.executorch import PteRunner, set_executorch_threads
+from export.onnx import OnnxRunner
+from export.prepare import example_inputs, prepare_towers
 from mcd_common import UsageError
 from mcd_common.files import atomic_path, git_sha
 
@@ -102,8 +109,6 @@ def cpu_label() -> str:
     except OSError:
         pass
     if not name and sys.platform == "darwin":
-        import subprocess
-
         res = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False)
         name = res.stdout.strip()
     return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
@@ -173,16 +178,12 @@ class _Candidate:
 
 
 def _onnx_embed(path: Path, threads: int) -> tuple[Embed, bool]:
-    from export.onnx import OnnxRunner  # onnxruntime is heavy
-
     runner = OnnxRunner(path, threads)
     return runner, runner.dynamic_batch
 
 
 def _coreml_embed(path: Path, tower: str, units: str) -> Embed:
-    import coremltools as ct  # heavy; macOS only for prediction
-    import numpy as np
-    from PIL import Image
+    import coremltools as ct  # lazy: heavy optional dependency (and prediction runs on macOS only)
 
     model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units))
 
@@ -201,7 +202,7 @@ def _coreml_embed(path: Path, tower: str, units: str) -> Embed:
 
 
 def _hf_embed(path: Path, tower: str, mean: list[float], std: list[float]) -> Embed:
-    from export.hf import hf_features, load_hf  # transformers is heavy
+    from export.hf import hf_features, load_hf  # lazy: export.hf imports open_clip and transformers (heavy)
 
     model = load_hf(path)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -225,8 +226,6 @@ def _artifact_candidates(artifacts: Path, manifest: dict, opts: BenchOptions, no
         elif fmt == "executorch" and art["checked_with"] != "executorch.runtime":
             notes.append(f"{art['file']}: {art['checked_with']}")
         elif fmt == "executorch":
-            from export.executorch import PteRunner  # executorch is heavy
-
             out.append(
                 _Candidate(
                     runtime=f"executorch-{art['backend']}", make=lambda p=path: PteRunner(p), batched=False, **base
@@ -249,9 +248,9 @@ def _artifact_candidates(artifacts: Path, manifest: dict, opts: BenchOptions, no
 
 
 def _eager_candidates(manifest: dict, opts: BenchOptions, notes: list[str]) -> list[_Candidate]:
-    # NOTE: students imports open_clip, which imports transformers: lazy so that `distill bench --help` is light
+    # NOTE: lazy: students imports open_clip, which imports transformers (heavy; ~1.4 s), kept out of
+    # `distill bench --help`
     import students
-    from export.prepare import prepare_towers
 
     ckpt = Path(opts.checkpoint or manifest["model"]["checkpoint"])
     if not ckpt.exists():
@@ -274,8 +273,6 @@ def _eager_candidates(manifest: dict, opts: BenchOptions, notes: list[str]) -> l
 
 def _inputs(manifest: dict, batch: int) -> dict[str, dict[int, torch.Tensor]]:
     """Fixed inputs per tower and batch size (batch N: N different images; the example token row N times)."""
-    from export.prepare import example_inputs  # timm + open_clip: kept out of `distill bench --help`
-
     m = manifest["model"]
     image, tokens = example_inputs(m["image_size"], m["context_length"], manifest["tokenizer"]["vocab_size"])
     images = torch.cat([image, torch.rand(batch - 1, *image.shape[1:], generator=torch.Generator().manual_seed(1))])
@@ -375,8 +372,6 @@ def _run_label(manifest: dict, opts: BenchOptions) -> str:
 
 def _measure(artifacts: Path, manifest: dict, opts: BenchOptions, notes: list[str]) -> list[dict]:
     """Load every candidate (peak memory, parity), time it at batch 1 and N, interleaved over rounds."""
-    from export.executorch import set_executorch_threads  # executorch is heavy
-
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     set_executorch_threads(opts.threads)
@@ -387,7 +382,7 @@ def _measure(artifacts: Path, manifest: dict, opts: BenchOptions, notes: list[st
     batches = sorted({1, opts.batch})
     try:
         with torch.inference_mode():
-            loaded = [_load(c, inputs, opts, batches) for c in cands]
+            loaded = [_load(c, inputs, batches) for c in cands]
             reference = {
                 c.tower: out for c, (_, _, out) in zip(cands, loaded, strict=True) if c.runtime == "pytorch-eager"
             }
@@ -435,9 +430,7 @@ def _call(fn: Embed, x: torch.Tensor, batched: bool) -> Callable[[], object]:
     return lambda: [fn(r) for r in rows]
 
 
-def _load(
-    c: _Candidate, inputs: dict, opts: BenchOptions, batches: list[int]
-) -> tuple[Embed, float | None, torch.Tensor]:
+def _load(c: _Candidate, inputs: dict, batches: list[int]) -> tuple[Embed, float | None, torch.Tensor]:
     """Load one candidate and run it once per batch size: ``(embed, peak MB above the RSS before, batch-1 output)``."""
     before = _reset_peak()
     fn = c.make()
@@ -548,16 +541,16 @@ def plot_accuracy_latency(
     Returns:
         The PNG path, or None when no run has both an accuracy and latencies for ``runtime``/``precision``.
     """
-    import matplotlib  # lazy: plotting only on request
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # NOTE: lazy: matplotlib costs ~0.5 s to import and `distill bench --help` imports this module; the object API
+    # (no pyplot) leaves the process-wide backend alone, as distill.curves
+    from matplotlib.figure import Figure
 
     points = accuracy_latency_points(results, accuracy, runtime, precision)
     if not points:
         _logger.warning("no run has both an accuracy and %s %s latencies: no plot", runtime, precision)
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
     for name, ms, acc in points:
         ax.scatter(ms, acc)
         ax.annotate(name, (ms, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -568,5 +561,4 @@ def plot_accuracy_latency(
     path = Path(path)
     with atomic_path(path, keep_suffix=True) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return str(path)

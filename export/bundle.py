@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import gzip
-import importlib.metadata
 import json
 import logging
-import platform
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from mcd_common.files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from mcd_common.files import atomic_path, atomic_write_bytes, atomic_write_text, package_versions, sha256_file
 
 if TYPE_CHECKING:  # annotations only: transformers is heavy and only Hugging Face text towers need it
     from transformers import PreTrainedTokenizerBase
@@ -71,6 +69,11 @@ EOT_ID = 49407
 # 48894 merges + SOT + EOT = 49408 ids.
 _NUM_MERGES = 49152 - 256 - 2
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+_VERSIONED = (
+    *("torch", "executorch", "coremltools", "onnx", "onnxruntime", "onnxscript", "transformers"),
+    *("open_clip_torch", "timm", "torchao", "mobileclip-distill"),
+)
+"""The distributions whose versions shape the artifacts (`versions`)."""
 
 
 def write_json(path: Path, data: object, indent: int | None = 2) -> None:
@@ -84,7 +87,7 @@ def read_manifest(bundle: Path) -> dict[str, object]:
 
 
 def _bpe_merges() -> list[str]:
-    from open_clip.tokenizer import default_bpe
+    from open_clip.tokenizer import default_bpe  # lazy: open_clip imports transformers (heavy)
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     return lines[1 : _NUM_MERGES + 1]  # line 0 is the "#version" header
@@ -92,7 +95,7 @@ def _bpe_merges() -> list[str]:
 
 def write_tokenizer_files(out: Path) -> dict[str, object]:
     """Write ``clip-vocab.json`` and ``clip-merges.txt`` into ``out``; returns the manifest's tokenizer entry."""
-    from open_clip.tokenizer import bytes_to_unicode
+    from open_clip.tokenizer import bytes_to_unicode  # lazy: open_clip imports transformers (heavy)
 
     merges = _bpe_merges()
     byte_tokens = list(bytes_to_unicode().values())
@@ -231,14 +234,7 @@ def write_class_embeddings(
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the artifacts."""
-    out = {"python": platform.python_version()}
-    dists = ("torch", "executorch", "coremltools", "onnx", "onnxruntime", "onnxscript", "transformers")
-    for dist in (*dists, "open_clip_torch", "timm", "torchao", "mobileclip-distill"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    return package_versions(_VERSIONED)
 
 
 def utc_now() -> str:

@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
@@ -27,12 +28,16 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 import torch.nn as nn
+from google.protobuf.json_format import MessageToDict
+from PIL import Image
 
 from export._quiet import captured_stderr, quiet_loggers
 from export._report import ExportReport, parity, path_size
 from mcd_common.files import atomic_path
 
-if TYPE_CHECKING:  # coremltools is imported lazily (heavy, optional at --help time)
+# NOTE: coremltools is imported inside the functions that use it: a heavy optional dependency (seconds to import,
+# and its import-time warnings), kept out of `distill export --help` and of exports to other formats.
+if TYPE_CHECKING:
     import coremltools as ct
     from coremltools.proto.Model_pb2 import Model as ModelSpec
 
@@ -41,13 +46,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["Compression", "coreml_spec_summary", "export_coreml", "image_preprocessing"]
 
 Compression = Literal["none", "palettize2", "palettize4", "palettize6", "palettize8", "int8"]
-
-
-def _import_coremltools():  # noqa: ANN202 - the coremltools module
-    """Import coremltools with its known-harmless import-time warnings filtered (`export._quiet`)."""
-    import coremltools
-
-    return coremltools
 
 
 def image_preprocessing(mean: Sequence[float], std: Sequence[float]) -> tuple[float, list[float], bool]:
@@ -81,7 +79,6 @@ def _compress(model: ct.models.MLModel, compression: Compression) -> ct.models.M
 
 def coreml_spec_summary(spec: ModelSpec) -> dict[str, object]:
     """Inputs, outputs, ImageType preprocessing and op-type counts of an ML program spec."""
-    from google.protobuf.json_format import MessageToDict
 
     def _feature(f) -> dict[str, object]:  # noqa: ANN001 - a FeatureDescription protobuf
         kind = f.type.WhichOneof("Type")
@@ -146,7 +143,7 @@ def export_coreml(
         check_inputs: Fixed inputs for the macOS parity check (default: ``[example]``).
         min_cosine: Threshold for ``passed`` (uncompressed models only).
     """
-    ct = _import_coremltools()
+    import coremltools as ct
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -204,8 +201,6 @@ def export_coreml(
 
 
 def _without_input_normalization(encoder: nn.Module) -> nn.Module:
-    import copy
-
     out = copy.copy(encoder)  # shallow: shares the tower; only the flag differs
     out.normalize_input = False
     return out
@@ -215,8 +210,6 @@ def _predict_parity(
     report: ExportReport, model: ct.models.MLModel, reference: nn.Module, inputs: list[tuple[torch.Tensor, ...]]
 ) -> None:
     """Run the package with CoreML (macOS only) and compare with PyTorch."""
-    from PIL import Image
-
     refs, outs = [], []
     for (x,) in inputs:
         if report.tower == "image":

@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -26,9 +27,12 @@ import torch.nn as nn
 
 from export._quiet import captured_fd2
 from export._report import ExportReport, parity, path_size
+from export.prepare import ExportLayerNorm, L2Norm, RowReduce
 from mcd_common.files import atomic_write_bytes
 
-if TYPE_CHECKING:  # executorch is imported lazily (heavy, optional at --help time)
+# NOTE: executorch, coremltools and torchao are imported inside the functions that use them: heavy optional
+# dependencies (seconds to import), kept out of `distill export --help` and of exports that do not lower to them.
+if TYPE_CHECKING:
     from executorch.exir import EdgeProgramManager
     from executorch.runtime import Method
 
@@ -169,8 +173,6 @@ class HalfEmbedding(nn.Module):
 
 def half_embeddings(encoder: nn.Module, min_rows: int = 4096) -> nn.Module:
     """A copy of ``encoder`` whose large ``nn.Embedding`` tables are stored in FP16 (`HalfEmbedding`)."""
-    import copy
-
     encoder = copy.deepcopy(encoder)
     for parent in list(encoder.modules()):
         for name, child in list(parent.named_children()):
@@ -202,8 +204,6 @@ def quantize_pt2e(
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from export.prepare import ExportLayerNorm, L2Norm, RowReduce
 
     if mode not in ("int8", "int8_dynamic"):
         raise ValueError(f"quantize must be int8 or int8_dynamic, got {mode!r}")
@@ -306,21 +306,8 @@ def export_executorch(
     atomic_write_bytes(path, edge.to_executorch().buffer)
     report.file_size = path_size(path)
 
-    runnable = available_executorch_backends().get(backend, {})
-    if not runnable.get("run"):
-        report.checked_with = f"not run: {runnable.get('reason', 'backend unavailable')}"
-        report.notes.append(report.checked_with)
-    else:
-        method = load_pte(path)
-        ref_module = reference if reference is not None else encoder
-        inputs = list(check_inputs) if check_inputs else [example]
-        with torch.no_grad():
-            ref = torch.cat([ref_module(*x) for x in inputs])
-        got = torch.cat([method.execute(list(x))[0] for x in inputs])
-        report.max_abs_diff, report.cosine = parity(ref, got)
-        report.checked_with = "executorch.runtime"
-        if quantize == "none":
-            report.passed = report.cosine >= min_cosine
+    ref_module = reference if reference is not None else encoder
+    _check_parity(report, ref_module, list(check_inputs) if check_inputs else [example], min_cosine)
     report.seconds = time.perf_counter() - t0
     _logger.info(
         "executorch %s %s %s -> %s (%.1f MB, cosine %s, %.1f s)",
@@ -333,3 +320,22 @@ def export_executorch(
         report.seconds,
     )
     return report
+
+
+def _check_parity(
+    report: ExportReport, reference: nn.Module, inputs: list[tuple[torch.Tensor, ...]], min_cosine: float
+) -> None:
+    """Run the written ``.pte`` on ``inputs`` and fill the report's parity (not run where the delegate cannot)."""
+    runnable = available_executorch_backends().get(report.backend, {})
+    if not runnable.get("run"):
+        report.checked_with = f"not run: {runnable.get('reason', 'backend unavailable')}"
+        report.notes.append(report.checked_with)
+        return
+    method = load_pte(report.path)
+    with torch.no_grad():
+        ref = torch.cat([reference(*x) for x in inputs])
+    got = torch.cat([method.execute(list(x))[0] for x in inputs])
+    report.max_abs_diff, report.cosine = parity(ref, got)
+    report.checked_with = "executorch.runtime"
+    if report.precision in ("fp32", "fp16"):  # int8 is reported, not judged
+        report.passed = report.cosine >= min_cosine

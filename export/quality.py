@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from export.executorch import PteRunner
+
 __all__ = ["Embedder", "agreement_delta", "embed_with_pte", "embedding_metrics", "quantization_delta"]
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
@@ -31,8 +33,6 @@ Embedder = Callable[[torch.Tensor], torch.Tensor]
 
 def embed_with_pte(path: Path, inputs: Iterable[torch.Tensor]) -> torch.Tensor:
     """Embeddings `[N, D]` of ``inputs`` (each `[1, ...]` or a batch `[B, ...]`, split into rows) from a ``.pte``."""
-    from export.executorch import PteRunner  # executorch is heavy: imported when a program is run
-
     runner = PteRunner(Path(path))
     return torch.cat([runner(x) for x in inputs])
 

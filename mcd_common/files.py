@@ -1,4 +1,4 @@
-"""Atomic file writes, checksums, advisory locks and the git revision of the running code.
+"""Atomic file writes, checksums, advisory locks and the provenance of the running code (git SHA, versions).
 
 Every output of the toolkit is written through `atomic_path` (or one of the `atomic_write_*` shortcuts): the data
 goes to a temp file *in the destination directory* (so the final `os.replace` never crosses file systems, whatever
@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +32,7 @@ __all__ = [
     "fsync_dir",
     "git_sha",
     "is_temp_name",
+    "package_versions",
     "remove_stale_temps",
     "sha256_bytes",
     "sha256_file",
@@ -216,6 +219,17 @@ def git_sha(path: str | os.PathLike | None = None) -> str | None:
         return None
     sha = res.stdout.strip()
     return sha if res.returncode == 0 and sha else None
+
+
+def package_versions(dists: Iterable[str], missing: str = "not installed") -> dict[str, str]:
+    """``{"python": X.Y.Z, dist: version}`` of the installed distributions, ``missing`` for those not installed."""
+    out = {"python": platform.python_version()}
+    for dist in dists:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = missing
+    return out
 
 
 class LockedError(RuntimeError):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load_bytes
 from safetensors.torch import load_file as safetensors_load_file
 
 from mcd_common.errors import UsageError
@@ -29,7 +28,6 @@ __all__ = [
     "load_torch_bytes",
     "read_state_dict_file",
     "read_weights",
-    "safetensors_from_bytes",
     "state_dict_mismatch",
 ]
 
@@ -116,14 +114,6 @@ def read_state_dict_file(path: str | os.PathLike, *, what: str = "weights") -> d
     if bad:
         raise UsageError(f"{what}: {path} is not a state dict of tensors (non-tensor entries: {bad[:5]})")
     return {str(k): v for k, v in obj.items()}
-
-
-def safetensors_from_bytes(data: bytes, *, name: str = "<bytes>") -> dict[str, torch.Tensor]:
-    """Load safetensors content held in memory."""
-    try:
-        return safetensors_load_bytes(data)
-    except (SafetensorError, ValueError) as err:
-        raise UsageError(f"{name}: not a readable safetensors blob ({str(err)[:200]})") from None
 
 
 def state_dict_mismatch(

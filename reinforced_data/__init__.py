@@ -1,5 +1,6 @@
-"""Reinforced datasets: the embedded shapes corpus, input sources, DataCompDR augmentation records, `build-data`,
-the training-side samples and `--verify`.
+"""Reinforced datasets: build them (`build-data`), read them for training, and check them (`--verify`).
+
+Also the embedded shapes corpus, the input sources and the DataCompDR augmentation records.
 
 The shard layout is a superset of Apple's DataCompDR (MobileCLIP, Vasu et al. CVPR'24; apple/ml-mobileclip,
 apple/ml-mobileclip-dr), see `schema.py`. Contracts: docs/DESIGN.md "reinforced_data". Tar grouping and image

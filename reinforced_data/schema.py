@@ -34,7 +34,6 @@ Dataset root: `config.json` (DataCompDR schema), `teach.json` (same as the per-s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -71,7 +70,6 @@ __all__ = [
     "check_teach",
     "split_embeddings",
     "syn_emb_name",
-    "syn_key_for",
     "teacher_slices",
 ]
 
@@ -115,21 +113,6 @@ TEACH_FILE = "teach.json"
 MANIFEST_FILE = "manifest.jsonl"
 PROGRESS_FILE = "progress.json"
 PROGRESS_DIR = "_progress"
-
-_TAG_RE = re.compile(r"[^a-z0-9_]+")
-
-
-def syn_key_for(tag: str | None) -> str:
-    """`syn.json` key of one caption source: `syn_text` (single captioner) or `syn_text_<tag>`.
-
-    Args:
-        tag: Free-form source name (a captioner name); lowercased and reduced to `[a-z0-9_]`. None or "" gives the
-            plain DataCompDR key.
-    """
-    if not tag:
-        return SYN_KEY
-    clean = _TAG_RE.sub("_", tag.lower()).strip("_")
-    return f"{SYN_KEY}_{clean}" if clean else SYN_KEY
 
 
 def syn_emb_name(syn_key: str) -> str:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,27 +61,59 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
     if not root.is_dir():
         rep.add(f"{root}: not a directory")
         return _finish(result, rep)
+    expect = _read_root(root, norm_tol, rep)
+    entries = _manifest_entries(root / schema.MANIFEST_FILE, rep)
+    if expect.num_shards is not None and len(entries) != expect.num_shards:
+        rep.add(f"incomplete dataset: {len(entries)} of {expect.num_shards} shards in the manifest")
+    _check_root_listing(root, entries, rep)
+    seen_uids: set[str] = set()
+    for entry in entries:
+        count = _check_shard(root, entry, expect, seen_uids, rep)
+        if count is not None:
+            result["shards"] += 1
+            result["samples"] += count
+    return _finish(result, rep)
 
+
+@dataclass
+class _Expected:
+    """What the root files say every shard and sample must hold."""
+
+    teach: dict | None  # the dataset's teach.json when it is valid (each sample's copy must equal it)
+    slices: dict[str, slice]
+    width: int | None
+    version: int
+    num_augs: int | None
+    layout: RecordLayout
+    num_shards: int | None
+    norm_tol: float
+
+
+def _read_root(root: Path, norm_tol: float, rep: _Report) -> _Expected:
     config = _load_json(root / schema.CONFIG_FILE, rep)
     teach = _load_json(root / schema.TEACH_FILE, rep)
     slices: dict[str, slice] = {}
-    teach_bytes_ok: dict | None = None
+    valid_teach: dict | None = None
     if teach is not None:
         try:
             slices = schema.teacher_slices(schema.check_teach(teach))
-            teach_bytes_ok = teach
+            valid_teach = teach
         except ValueError as exc:
             rep.add(f"{schema.TEACH_FILE}: {exc}")
-    width = max((s.stop for s in slices.values()), default=None)
-    version = int((teach or {}).get("schema_version", 1))
-    num_augs = config.get("num_samples") if config else None
-    layout = _layout(config, rep)
-    expected_shards = (config or {}).get("build", {}).get("num_input_shards")
+    return _Expected(
+        teach=valid_teach,
+        slices=slices,
+        width=max((s.stop for s in slices.values()), default=None),
+        version=int((teach or {}).get("schema_version", 1)),
+        num_augs=config.get("num_samples") if config else None,
+        layout=_layout(config, rep),
+        num_shards=(config or {}).get("build", {}).get("num_input_shards"),
+        norm_tol=norm_tol,
+    )
 
-    entries = _manifest_entries(root / schema.MANIFEST_FILE, rep)
-    if expected_shards is not None and len(entries) != expected_shards:
-        rep.add(f"incomplete dataset: {len(entries)} of {expected_shards} shards in the manifest")
 
+def _check_root_listing(root: Path, entries: list[dict], rep: _Report) -> None:
+    """Inputs that failed (and were not built since), partial files, shards the manifest does not list."""
     for path in sorted((root / schema.PROGRESS_DIR).glob("*.tar.failed.json")):
         info = _load_json(path, rep) or {}
         if not (root / schema.PROGRESS_DIR / f"{info.get('shard')}.json").is_file():
@@ -88,7 +121,6 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
                 f"{info.get('shard')}: input {info.get('input')} could not be read ({info.get('error')}); "
                 "fix or replace it and rerun build-data"
             )
-
     listed = {e.get("shard") for e in entries}
     for path in sorted(root.iterdir()):
         if is_temp_name(path.name):
@@ -96,36 +128,38 @@ def verify_dataset(root: str | os.PathLike, *, norm_tol: float = 1e-2) -> dict:
         elif path.suffix == ".tar" and path.name not in listed:
             rep.add(f"{path.name}: shard not listed in {schema.MANIFEST_FILE}")
 
-    seen_uids: set[str] = set()
-    for entry in entries:
-        name = entry.get("shard")
-        path = root / str(name)
-        if not path.is_file():
-            rep.add(f"{name}: listed in the manifest but missing")
-            continue
-        result["shards"] += 1
-        if sha256_file(path) != entry.get("sha256"):
-            rep.add(f"{name}: sha256 differs from the manifest (corrupted or modified shard)")
-        count = 0
-        try:
-            for sample in iter_tar_samples(path):
-                key = sample.key
-                count += 1
-                where = f"{name}:{key}"
-                _check_members(where, key, sample.members, teach_bytes_ok, rep)
-                if version >= 2:
-                    _check_apple_reads(where, sample.members, rep)
-                records = _check_records(where, sample.members, num_augs, layout, rep)
-                _check_embeddings(where, sample.members, records, slices, width, norm_tol, rep)
-                if key in seen_uids:
-                    rep.add(f"{name}:{key}: duplicate uid")
-                seen_uids.add(key)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            rep.add(f"{name}: unreadable tar ({exc})")
-        if count != entry.get("num_samples"):
-            rep.add(f"{name}: {count} samples, manifest says {entry.get('num_samples')}")
-        result["samples"] += count
-    return _finish(result, rep)
+
+def _check_shard(root: Path, entry: dict, expect: _Expected, seen_uids: set[str], rep: _Report) -> int | None:
+    """One manifest entry: checksum, sample count, every sample; returns the samples read (None: no such file)."""
+    name = entry.get("shard")
+    path = root / str(name)
+    if not path.is_file():
+        rep.add(f"{name}: listed in the manifest but missing")
+        return None
+    if sha256_file(path) != entry.get("sha256"):
+        rep.add(f"{name}: sha256 differs from the manifest (corrupted or modified shard)")
+    count = 0
+    try:
+        for sample in iter_tar_samples(path):
+            count += 1
+            _check_sample(f"{name}:{sample.key}", sample.key, sample.members, expect, rep)
+            if sample.key in seen_uids:
+                rep.add(f"{name}:{sample.key}: duplicate uid")
+            seen_uids.add(sample.key)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        rep.add(f"{name}: unreadable tar ({exc})")
+    if count != entry.get("num_samples"):
+        rep.add(f"{name}: {count} samples, manifest says {entry.get('num_samples')}")
+    return count
+
+
+def _check_sample(where: str, key: str, members: dict[str, bytes], expect: _Expected, rep: _Report) -> None:
+    _check_members(where, key, members, expect.teach, rep)
+    syn = _json_member(where, members, schema.KEY_SYN, rep)
+    if expect.version >= 2:
+        _check_apple_reads(where, members, syn, rep)
+    records = _check_records(where, members, expect.num_augs, expect.layout, rep)
+    _check_embeddings(where, members, syn, records, expect, rep)
 
 
 def _layout(config: dict | None, rep: _Report) -> RecordLayout:
@@ -185,15 +219,10 @@ def _load_json(path: Path, rep: _Report) -> dict | None:
 
 def _check_members(where: str, key: str, sample: dict[str, bytes], teach: dict | None, rep: _Report) -> None:
     """Required members, the json metadata, the image checksum, the caption and the per-sample teach.json."""
-    meta: dict = {}
-    if schema.KEY_JSON in sample:
-        try:
-            meta = json.loads(sample[schema.KEY_JSON])
-        except ValueError:
-            rep.add(f"{where}: json member is not valid JSON")
-        if not isinstance(meta, dict):
-            rep.add(f"{where}: json member is not an object")
-            meta = {}
+    meta = _json_member(where, sample, schema.KEY_JSON, rep)
+    if meta is not None and not isinstance(meta, dict):
+        rep.add(f"{where}: json member is not an object")
+    meta = meta if isinstance(meta, dict) else {}
     missing = [k for k in _REQUIRED if k not in sample]
     if schema.KEY_IMAGE not in sample and schema.KEY_URL not in sample and "image_path" not in meta:
         missing.append("jpg|url.txt")  # an image-less sample must say where its image is
@@ -212,22 +241,29 @@ def _check_members(where: str, key: str, sample: dict[str, bytes], teach: dict |
         except UnicodeDecodeError:
             rep.add(f"{where}: caption is not UTF-8")
     if teach is not None and schema.KEY_TEACH in sample:
-        try:
-            if json.loads(sample[schema.KEY_TEACH]) != teach:
-                rep.add(f"{where}: teach.json differs from the dataset's")
-        except ValueError:
-            rep.add(f"{where}: teach.json is not valid JSON")
+        own = _json_member(where, sample, schema.KEY_TEACH, rep)
+        if own is not None and own != teach:
+            rep.add(f"{where}: teach.json differs from the dataset's")
 
 
-def _check_apple_reads(where: str, sample: dict[str, bytes], rep: _Report) -> None:
+def _json_member(where: str, sample: dict[str, bytes], key: str, rep: _Report) -> object | None:
+    """The parsed JSON member ``key``; None when absent or not JSON (reported once, here)."""
+    if key not in sample:
+        return None
+    try:
+        return json.loads(sample[key])
+    except ValueError:
+        rep.add(f"{where}: {'json member' if key == schema.KEY_JSON else key} is not valid JSON")
+        return None
+
+
+def _check_apple_reads(where: str, sample: dict[str, bytes], syn: object | None, rep: _Report) -> None:
     """What Apple's v2 loader needs (`schema` docstring): a `syn.json` with a non-empty `^syn_text.*$` list."""
     if schema.KEY_SYN not in sample:
         rep.add(f"{where}: no syn.json (Apple's loader reads it unconditionally)")
         return
-    try:
-        syn = json.loads(sample[schema.KEY_SYN])
-    except ValueError:
-        return  # reported with the embeddings
+    if syn is None:
+        return  # not JSON: reported by _json_member
     regex = re.compile(schema.APPLE_SYN_KEY_REGEX)
     if not isinstance(syn, dict) or not any(regex.match(k) and isinstance(v, list) and v for k, v in syn.items()):
         rep.add(f"{where}: syn.json has no non-empty {schema.APPLE_SYN_KEY_REGEX} list (Apple's loader needs one)")
@@ -251,21 +287,13 @@ def _check_records(
 
 
 def _check_embeddings(
-    where: str,
-    sample: dict[str, bytes],
-    records: list,
-    slices: dict[str, slice],
-    width: int | None,
-    norm_tol: float,
-    rep: _Report,
+    where: str, sample: dict[str, bytes], syn: object | None, records: list, expect: _Expected, rep: _Report
 ) -> None:
     """npz arrays: one per caption list, float16, `[rows, width]`, finite, unit norm per teacher slice."""
-    syn: dict = {}
-    if schema.KEY_SYN in sample:
-        try:
-            syn = json.loads(sample[schema.KEY_SYN])
-        except ValueError:
-            rep.add(f"{where}: syn.json is not valid JSON")
+    slices, width, norm_tol = expect.slices, expect.width, expect.norm_tol
+    if syn is not None and not isinstance(syn, dict):
+        rep.add(f"{where}: syn.json is not an object")
+    syn = syn if isinstance(syn, dict) else {}
     if schema.KEY_NPZ not in sample:
         return
     try:

@@ -1,5 +1,7 @@
-"""Build students: `create_student` (a registered name, `name.tag` or a saved-student path), `build_student`
-(a config -> the right model class) and `load_student` (a saved student -> model).
+"""Build students: `create_student`, `build_student` and `load_student`.
+
+`create_student` takes a registered name, `name.tag` or a saved-student path; `build_student` turns a config into
+the right model class; `load_student` turns a saved student into its model.
 
 The factory chooses the class, as open_clip's `create_model` does: a config with a `multimodal` (decoder) section
 builds a `CoCaStudent`, any other a `CLIPStudent`. Weights are resolved and read before the (possibly large) model

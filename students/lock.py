@@ -1,6 +1,7 @@
-"""Tower locking (LiT-style locked-tower tuning): freeze a student's image or text tower, optionally keeping its last
-N layer groups trainable, as open_clip's `lock_image_tower(unlocked_groups, freeze_bn_stats)` and
-`lock_text_tower(unlocked_layers, freeze_layer_norm)` do.
+"""Tower locking (LiT-style locked-tower tuning): freeze a student's image or text tower.
+
+The last N layer groups can stay trainable, as open_clip's `lock_image_tower(unlocked_groups, freeze_bn_stats)` and
+`lock_text_tower(unlocked_layers, freeze_layer_norm)` allow.
 
 A tower is split into layer groups, first to last, the way open_clip 3.3.0 splits it (read in the pinned wheel:
 `transformer.py` `VisionTransformer.lock` and `lock_text_tower`, `timm_model.py` `TimmModel.lock`,

@@ -61,6 +61,7 @@ from open_clip.transformer import ResidualAttentionBlock, TextTransformer, Visio
 from torch import nn
 
 from mcd_common import UsageError
+from mcd_common._open_clip import vision_global_pool
 from students.factory import build_student
 from students.towers import CLIPStudent
 
@@ -594,7 +595,7 @@ class L0Pruner:
         for i, block in enumerate(vit.transformer.resblocks):
             x = _masked_block(block, x, hidden_z, keep, heads_z[i], mlp_z[i], None)
         x = _masked_layer_norm(vit.ln_post, x, keep)
-        pooled, _ = vit._global_pool(x)
+        pooled, _ = vision_global_pool(vit, x)
         return pooled @ vit.proj if vit.proj is not None else pooled
 
     @staticmethod

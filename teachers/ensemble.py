@@ -106,11 +106,6 @@ class TeacherEnsemble(nn.ModuleDict):
         """KD logit scale per member."""
         return {t.name: t.logit_scale for t in self.values()}
 
-    @property
-    def cfgs(self) -> dict[str, TeacherCfg]:
-        """Resolved config per member (for shard and checkpoint metadata)."""
-        return {t.name: t.cfg for t in self.values()}
-
     # -- encoding ------------------------------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[B, 3, H, W]`` uint8 / ``[0, 1]`` pixels -> ``{member: [B, D_k]}`` L2-normalised features."""

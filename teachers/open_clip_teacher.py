@@ -1,5 +1,6 @@
-"""Teachers backed by open_clip models (``CLIP``, ``CustomTextCLIP``, ``CoCa``; registered, ``open_clip:`` or
-``local-dir:`` sources).
+"""Teachers backed by open_clip models (``CLIP``, ``CustomTextCLIP``, ``CoCa``).
+
+They come from registered names, ``open_clip:`` or ``local-dir:`` sources.
 
 Refs: mlfoundations/open_clip (``create_model``, ``local-dir:``), apple/ml-mobileclip (teacher ensembles, fixed KD
 logit scales 100 / 70, 60).

@@ -54,6 +54,17 @@ HF_PREFIX = "hf:"
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
 
+def _coerce_loaded_fields(cfg: TeacherCfg | CaptionerCfg, tuple_fields: tuple[str, ...]) -> None:
+    """A config read back from JSON/YAML: lists become tuples (the frozen config stays hashable and comparable) and
+    a ``weights`` dict becomes a `WeightSpec`."""
+    for name in tuple_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, list):
+            object.__setattr__(cfg, name, tuple(value))
+    if isinstance(cfg.weights, dict):
+        object.__setattr__(cfg, "weights", WeightSpec(**cfg.weights))
+
+
 @dataclass(frozen=True)
 class TeacherCfg:
     """A teacher: which checkpoint, how to feed it, and at which KD temperature to use it.
@@ -93,14 +104,8 @@ class TeacherCfg:
     """Text context length; ``None`` uses the checkpoint's."""
 
     def __post_init__(self) -> None:
-        # Lists from JSON/YAML become tuples so the frozen config stays hashable and comparable.
-        for name in ("mean", "std", "members", "member_logit_scales"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+        _coerce_loaded_fields(self, ("mean", "std", "members", "member_logit_scales"))
         object.__setattr__(self, "member_logit_scales", tuple(float(v) for v in self.member_logit_scales))
-        if isinstance(self.weights, dict):
-            object.__setattr__(self, "weights", WeightSpec(**self.weights))
         if self.source == "ensemble":
             if not self.members:
                 raise UsageError(f"teacher {self.name!r}: an ensemble needs at least one member")
@@ -151,12 +156,7 @@ class CaptionerCfg:
     """Allow random weights when no weights are found. Only for the tiny test models."""
 
     def __post_init__(self) -> None:
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.weights, dict):
-            object.__setattr__(self, "weights", WeightSpec(**self.weights))
+        _coerce_loaded_fields(self, ("mean", "std"))
         if not self.arch:
             raise UsageError(f"captioner {self.name!r}: needs an arch")
 

@@ -85,3 +85,17 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
     with FileLock(lock):
         pass
+
+
+def test_package_versions_names_installed_and_missing_distributions():
+    import platform
+
+    import torch
+
+    from mcd_common.files import package_versions
+
+    got = package_versions(["torch", "no-such-distribution-xyz"], missing="missing")
+    assert list(got) == ["python", "torch", "no-such-distribution-xyz"]
+    assert got["python"] == platform.python_version()
+    assert got["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert got["no-such-distribution-xyz"] == "missing"

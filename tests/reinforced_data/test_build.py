@@ -311,6 +311,30 @@ def test_verify_checks_norms_and_shapes(tmp_path, built, shard_reader):
     assert "text_emb has shape (2, 80)" in problems[2]
 
 
+def test_verify_reports_a_bad_syn_json_once_and_does_not_crash(tmp_path, built, shard_reader):
+    """syn.json that is a JSON list, or not JSON: each reported (once), verify goes on (it raised AttributeError)."""
+    from mcd_common.files import sha256_file
+    from reinforced_data._io import TarShardWriter
+
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    samples = shard_reader(out / "00000002.tar")
+    writer = TarShardWriter(out / "00000002.tar")
+    for n, (key, m) in enumerate(samples):
+        bad = {0: b"[]", 1: b"{not json"}.get(n)
+        writer.write(key, {**m, "syn.json": bad} if bad else m)
+    writer.close()
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    lines[2]["sha256"] = sha256_file(out / "00000002.tar")
+    (out / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = verify_dataset(out)
+    problems = report["problems"]
+    first, second = samples[0][0], samples[1][0]
+    assert any(first in p and "syn.json is not an object" in p for p in problems), problems
+    assert sum(second in p and "syn.json is not valid JSON" in p for p in problems) == 1, problems
+    assert report["samples"] == sum(line["num_samples"] for line in lines)
+
+
 def test_build_args_validation_names_the_flag():
     with pytest.raises(ValueError, match="--build.num_augs"):
         BuildArgs(num_augs=0)

@@ -9,9 +9,6 @@ from reinforced_data import schema
 
 
 def test_syn_keys():
-    assert schema.syn_key_for(None) == "syn_text"
-    assert schema.syn_key_for("") == "syn_text"
-    assert schema.syn_key_for("CoCa ViT-L/14") == "syn_text_coca_vit_l_14"
     assert schema.syn_emb_name("syn_text_blip") == "syn_text_blip_emb"
 
 
