@@ -27,6 +27,7 @@ __all__ = [
 # tqdm redraws a bar with "\r"; a finished bar ends in a rate ("1124.80 ops/s", "164.58 passes/s")
 _PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\[\d\d:\d\d<")
 
+
 @contextlib.contextmanager
 def captured_stderr(source: str) -> Iterator[None]:
     """Capture what a converter writes to ``sys.stderr``: progress bars go to DEBUG, anything else to WARNING.

@@ -45,6 +45,8 @@ __all__ = ["OnnxRunner", "export_onnx", "onnx_summary", "quantize_onnx"]
 OUTPUT_NAME = "embedding"
 # loggers of the exporter's graph passes (initializer de-duplication, unused-node removal, ...) at INFO
 _CONVERTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
+
+
 def _input_name(tower: str) -> str:
     return "image" if tower == "image" else "text"
 

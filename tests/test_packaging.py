@@ -18,8 +18,8 @@ def test_package_comes_from_this_repo(package):
 
 
 def test_tests_package_is_not_installed():
-    # The wheel's packages are exactly the five plus the leaf helpers; `tests` is never one of them.  (md.files() is no use
-    # here: from a checkout it reads the egg-info's SOURCES.txt, which lists the sdist, tests included.)
+    # The wheel's packages are exactly the five plus the leaf helpers; `tests` is never one of them.
+    # (md.files() is no use here: from a checkout it reads the egg-info's SOURCES.txt, which lists the sdist and tests.)
     from setuptools.config.setupcfg import read_configuration
 
     opts = read_configuration(str(ROOT / "setup.cfg"))["options"]
