@@ -173,6 +173,8 @@ class _Objective:
     desc: dict[str, object]
 
 
+# Over 80 lines on purpose: the signature and docstring are the flag reference of `distill train`; the body (~55
+# lines) is the four phases resolve -> build -> fit -> finalize, each a call into the helpers below.
 def train(
     student: str,
     teacher: str | None = None,
