@@ -1,6 +1,7 @@
 """`distill.recipes`: `--config NAME` resolves to the packaged YAML from any directory; typos list close matches;
 paths keep their meaning."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,38 @@ def test_existing_files_and_paths_are_left_alone(tmp_path, monkeypatch):
         ["train", "--config", "{student: test_tiny}"],  # inline YAML, which jsonargparse accepts too
     ):
         assert resolve_config_args(argv) == argv
+
+
+def test_the_pretrained_text_teacher_recipe_trains_with_its_text_encoder_locked(
+    tmp_path, monkeypatch, tiny_corpus, tiny_hf_text_dir
+):
+    # The shipped MiniLM teacher recipe (issue 15), with any local encoder directory (here a tiny BERT): the text
+    # encoder stays exactly as loaded, the image tower trains, and the run serves as a `local-dir:` teacher.
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    import teachers
+
+    monkeypatch.chdir(tmp_path)
+    rows = {r["name"]: r for r in recipe_rows()}
+    assert rows["minilm_teacher_lit"]["student"] == "vit_minilm"
+    root = tmp_path / "teacher"
+    argv = [
+        "train", "--config", "minilm_teacher_lit", "--hf_text_dir", str(tiny_hf_text_dir),
+        "--data.path", str(tiny_corpus / "train"), "--data.batch_size", "8", "--data.num_workers", "0",
+        "--image_size", "32", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root),
+        "--trainer.checkpoint_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--val.zeroshot", "null", "--val.retrieval", "null",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    run = json.loads((root / "run.json").read_text())
+    assert run["config"]["lock"]["text"] is True and run["config"]["student"] == "vit_minilm"
+    state = load_file(str(next((root / "student").glob("*.safetensors"))))
+    encoder = BertModel.from_pretrained(tiny_hf_text_dir, local_files_only=True, add_pooling_layer=False)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(state[f"text.transformer.{key}"], value), key
+    teacher = teachers.create_teacher(f"local-dir:{root / 'student'}")
+    with torch.no_grad():
+        emb = teacher.encode_texts(["a red circle", "a blue square"])
+    assert emb.shape[0] == 2 and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-4)
