@@ -38,7 +38,9 @@ def test_rendering_follows_the_summary_and_write_replaces_only_the_block(script,
     changed["teacher"]["zeroshot_top1"] = 12.345
     changed["seconds"]["total"] = 61.4
     block = script.render(changed)
-    teacher = f"| teacher `{summary['teacher_arch']}` (scratch, {summary['teacher_steps']} steps) | 12.3 |"
+    teacher_bs = summary.get("teacher_batch_size", summary["batch_size"])
+    steps = f"{summary['teacher_steps']} steps x {teacher_bs}"
+    teacher = f"| teacher `{summary['teacher_arch']}` (scratch, {steps}) | 12.3 |"
     assert teacher in block
     assert "1 min 1 s wall in all" in block
     (tmp_path / "summary.json").write_text(json.dumps(changed))

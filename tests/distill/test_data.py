@@ -13,7 +13,7 @@ import pytest
 from distill.args import DataArgs, EvalArgs
 from distill.data import DistillDataModule, resolve_data
 from mcd_common.errors import UsageError
-from reinforced_data import BuildArgs, build_data
+from reinforced_data import BuildArgs, InputArgs, build_data
 from reinforced_data._io import TarShardWriter, decode_npz, encode_npz
 from students import create_student
 
@@ -23,7 +23,12 @@ def reinforced(tmp_path_factory, tiny_corpus) -> Path:
     """A 16-sample reinforced dataset of the tiny corpus's val split (test_tiny teacher, width 32)."""
     out = tmp_path_factory.mktemp("rd") / "ds"
     spec = str(tiny_corpus / "val" / "shapes-val-000000.tar")
-    build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(num_augs=2, num_workers=0, progress=False))
+    build_data(
+        out=out,
+        data=InputArgs(path=spec),
+        teacher="test_tiny",
+        build=BuildArgs(num_augs=2, num_workers=0, progress=False),
+    )
     return out
 
 

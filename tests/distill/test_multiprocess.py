@@ -29,7 +29,7 @@ import torch
 import distill
 from distill.cli import main
 from mcd_common.weights import read_state_dict_file
-from reinforced_data import BuildArgs, CorpusCfg, build_data, write_shapes_corpus
+from reinforced_data import BuildArgs, CorpusCfg, InputArgs, build_data, write_shapes_corpus
 from students import create_student, load_student, save_student
 
 PRESETS = ("contrastive", "mobileclip", "tinyclip", "clip_kd")
@@ -73,7 +73,9 @@ def reinforced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mp")
     write_shapes_corpus(root / "corpus", CorpusCfg(n_train=32, n_val=4, n_zeroshot_per_class=1, shard_size=16))
     build = BuildArgs(num_augs=2, batch_size=16, num_workers=0, progress=False)
-    build_data(out=root / "rd", input=str(root / "corpus" / "train"), teacher="test_tiny_ensemble", build=build)
+    build_data(
+        out=root / "rd", data=InputArgs(path=str(root / "corpus" / "train")), teacher="test_tiny_ensemble", build=build
+    )
     return root / "rd"
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reinforced_data import BuildArgs, CorpusCfg, build_data, write_shapes_corpus
+from reinforced_data import BuildArgs, CorpusCfg, InputArgs, build_data, write_shapes_corpus
 
 # The shared build: two tiny teachers of different resolutions (32 and 48 px), shards of 10 samples built in
 # batches of 3, so every shard spans several batches (apple/ml-mobileclip-dr#3).
@@ -54,7 +54,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, corpus_spec: str) -> tuple[P
     """`build_data` on the corpus with the tiny ensemble (no captioner): `(out dir, summary)`."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("built") / "ds"
-    summary = build_data(out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**BUILD_KW))
+    summary = build_data(
+        out=out, data=InputArgs(path=corpus_spec), teacher="test_tiny_ensemble", build=BuildArgs(**BUILD_KW)
+    )
     return out, summary
 
 

@@ -16,7 +16,7 @@ from mcd_common.images import decode_image, to_uint8_tensor
 from reinforced_data import BuildArgs, build_data, dist_env, verify_dataset
 from reinforced_data._io import decode_npz
 from reinforced_data.augment import AugmentCfg, decode_param_aug, replay
-from reinforced_data.build import _Task, _ViewDataset
+from reinforced_data.build import InputArgs, _Task, _ViewDataset
 from reinforced_data.schema import teacher_slices
 from reinforced_data.sources import index_shard, resolve_inputs
 
@@ -103,7 +103,9 @@ def test_ranks_and_worker_count_reproduce_the_single_run(tmp_path, corpus_spec, 
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", "0")
         kw = {**build_kw, "num_workers": workers}
-        summaries.append(build_data(out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**kw)))
+        summaries.append(
+            build_data(out=out, data=InputArgs(path=corpus_spec), teacher="test_tiny_ensemble", build=BuildArgs(**kw))
+        )
         for lock in busy:
             lock.release()
     assert [s["shards_done"] for s in summaries] == [1, 2]
@@ -117,7 +119,9 @@ def test_a_rank_alone_builds_every_shard_its_own_first(tmp_path, corpus_spec, bu
     out = tmp_path / "ds"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    summary = build_data(out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**build_kw))
+    summary = build_data(
+        out=out, data=InputArgs(path=corpus_spec), teacher="test_tiny_ensemble", build=BuildArgs(**build_kw)
+    )
     assert summary["shards_done"] == 3 and summary["dataset_complete"]
     order = sorted(range(3), key=lambda k: (out / "_progress" / f"0000000{k}.tar.json").stat().st_mtime_ns)
     assert order[0] == 1  # its own shard first
@@ -144,7 +148,7 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, write_tar, image_bytes):
     out = tmp_path / "ds"
     summary = build_data(
         out=out,
-        input=str(tmp_path / "in.tar"),
+        data=InputArgs(path=str(tmp_path / "in.tar")),
         teacher="test_tiny",
         build=BuildArgs(num_augs=2, batch_size=4, num_workers=0, progress=False, max_pixels=10_000),
     )
@@ -185,7 +189,7 @@ def test_folder_with_several_captions_and_no_images_kept(tmp_path, image_bytes, 
     out = tmp_path / "ds"
     summary = build_data(
         out=out,
-        input=str(root),
+        data=InputArgs(path=str(root)),
         teacher="test_tiny",
         build=BuildArgs(num_augs=2, batch_size=2, num_workers=0, progress=False, shard_size=3, keep_images=False),
     )
@@ -212,7 +216,7 @@ def test_captioner_writes_syn_text_and_its_embeddings(tmp_path, corpus, tiny_ens
     spec = str(corpus / "train" / "shapes-train-000002.tar")  # 4 samples
     summary = build_data(
         out=out,
-        input=spec,
+        data=InputArgs(path=spec),
         teacher="test_tiny_ensemble",
         captioner="test_tiny_coca",
         build=BuildArgs(num_augs=2, num_syn=2, batch_size=3, num_workers=0, progress=False),
@@ -255,11 +259,16 @@ def test_config_and_layout_follow_datacompdr(built):
 def test_rerun_resumes_and_other_arguments_are_refused(tmp_path, built, corpus_spec, build_kw):
     out = tmp_path / "copy"
     shutil.copytree(built[0], out)
-    summary = build_data(out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**build_kw))
+    summary = build_data(
+        out=out, data=InputArgs(path=corpus_spec), teacher="test_tiny_ensemble", build=BuildArgs(**build_kw)
+    )
     assert summary["shards_resumed"] == 3 and summary["shards_done"] == 0 and summary["written"] == 0
     with pytest.raises(ValueError, match="num_samples"):
         build_data(
-            out=out, input=corpus_spec, teacher="test_tiny_ensemble", build=BuildArgs(**{**build_kw, "num_augs": 4})
+            out=out,
+            data=InputArgs(path=corpus_spec),
+            teacher="test_tiny_ensemble",
+            build=BuildArgs(**{**build_kw, "num_augs": 4}),
         )
 
 
@@ -369,8 +378,7 @@ def test_flickr8k_as_is(tmp_path):
     out = tmp_path / "ds"
     summary = build_data(
         out=out,
-        input=str(FLICKR),
-        split_file=FLICKR / "splits" / "train.txt",
+        data=InputArgs(path=str(FLICKR), split_file=FLICKR / "splits" / "train.txt"),
         teacher="test_tiny",
         build=BuildArgs(num_augs=2, batch_size=4, num_workers=0, progress=False, shard_size=6, max_shards=1),
     )

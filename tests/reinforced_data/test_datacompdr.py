@@ -22,6 +22,7 @@ from torchvision.transforms.autoaugment import _apply_op
 from mcd_common.images import decode_image, to_uint8_tensor
 from reinforced_data import (
     BuildArgs,
+    InputArgs,
     RecordLayout,
     ReinforcedDataError,
     ReinforcedDataset,
@@ -67,7 +68,9 @@ def test_every_shard_loads_in_apples_loader_and_human_captions_are_not_synthetic
     the other human captions sat under `syn_text_alt`, which Apple's regex draws as synthetic."""
     out = tmp_path / "bare"
     spec = str(corpus / "train" / "shapes-train-000002.tar")
-    build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**{**build_kw, "alt_captions": False}))
+    build_data(
+        out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**{**build_kw, "alt_captions": False})
+    )
     for root in (out, built[0]):
         samples = _apple_pipeline(root)
         assert samples
@@ -271,7 +274,7 @@ def test_replay_once_and_resize_matches_raygen(tmp_path, corpus, tiny_ensemble, 
     out = tmp_path / "ds"
     spec = str(corpus / "train" / "shapes-train-000002.tar")
     kw = dict(num_augs=2, batch_size=3, num_workers=0, progress=False, teacher_views="resize")
-    build_data(out=out, input=spec, teacher="test_tiny_ensemble", build=BuildArgs(**kw))
+    build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny_ensemble", build=BuildArgs(**kw))
     config = json.loads((out / "config.json").read_text())
     assert config["build"]["teacher_views"] == "resize"
     crop = config["reinforce"]["image_augmentation"]["random_resized_crop"]["size"]

@@ -13,7 +13,7 @@ import torch
 
 from distill.cli import main
 from mcd_common.errors import UsageError
-from reinforced_data import BuildArgs, build_data, verify_dataset
+from reinforced_data import BuildArgs, InputArgs, build_data, verify_dataset
 from reinforced_data.sources import InputStats, load_captions
 
 KW = dict(num_augs=2, batch_size=4, num_workers=0, progress=False)
@@ -54,18 +54,30 @@ def test_changed_shard_size_and_split_file_are_refused_and_overwrite_rebuilds(tm
     out = tmp_path / "ds"
     train = root / "splits" / "train.txt"
     first = build_data(
-        out=out, input=str(root), split_file=train, teacher="test_tiny", build=BuildArgs(**KW, shard_size=3)
+        out=out,
+        data=InputArgs(path=str(root), split_file=train),
+        teacher="test_tiny",
+        build=BuildArgs(**KW, shard_size=3),
     )
     assert first["written"] == 4 and first["dataset_complete"]
     with pytest.raises(UsageError, match=r"build\.shard_size: 3 -> 2.*--overwrite"):
-        build_data(out=out, input=str(root), split_file=train, teacher="test_tiny", build=BuildArgs(**KW, shard_size=2))
+        build_data(
+            out=out,
+            data=InputArgs(path=str(root), split_file=train),
+            teacher="test_tiny",
+            build=BuildArgs(**KW, shard_size=2),
+        )
     train.write_text("0.jpg\n1.jpg\n")  # same file name, other contents
     with pytest.raises(UsageError, match=r"build\.split_file_sha256"):
-        build_data(out=out, input=str(root), split_file=train, teacher="test_tiny", build=BuildArgs(**KW, shard_size=3))
+        build_data(
+            out=out,
+            data=InputArgs(path=str(root), split_file=train),
+            teacher="test_tiny",
+            build=BuildArgs(**KW, shard_size=3),
+        )
     again = build_data(
         out=out,
-        input=str(root),
-        split_file=train,
+        data=InputArgs(path=str(root), split_file=train),
         teacher="test_tiny",
         build=BuildArgs(**KW, shard_size=3),
         overwrite=True,
@@ -79,12 +91,14 @@ def test_other_teacher_weights_are_refused(tmp_path, corpus):
     spec = str(corpus / "train" / "shapes-train-000002.tar")
     w1, w2 = _save_tiny_teacher(tmp_path / "a.safetensors", 1), _save_tiny_teacher(tmp_path / "b.safetensors", 2)
     out = tmp_path / "ds"
-    build_data(out=out, input=spec, teacher="test_tiny", teacher_weights=w1, build=BuildArgs(**KW))
+    build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", teacher_weights=w1, build=BuildArgs(**KW))
     with pytest.raises(UsageError, match=r"build\.teacher_weights_sha256\.test_tiny: \"[0-9a-f]+\.\.\."):
-        build_data(out=out, input=spec, teacher="test_tiny", teacher_weights=w2, build=BuildArgs(**KW))
+        build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", teacher_weights=w2, build=BuildArgs(**KW))
     teach = json.loads((out / "teach.json").read_text())
     assert len(teach["teachers"][0]["weights_sha256"]) == 64  # the weights' identity travels with the data
-    resumed = build_data(out=out, input=spec, teacher="test_tiny", teacher_weights=w1, build=BuildArgs(**KW))
+    resumed = build_data(
+        out=out, data=InputArgs(path=spec), teacher="test_tiny", teacher_weights=w1, build=BuildArgs(**KW)
+    )
     assert resumed["shards_resumed"] == 1 and resumed["written"] == 0
 
 
@@ -93,9 +107,9 @@ def test_a_changed_input_tar_rebuilds_its_shard(tmp_path, corpus, write_tar, ima
     shutil.copy(corpus / "train" / "shapes-train-000002.tar", a)
     write_tar(b, [{"__key__": "x", "jpg": image_bytes(seed=3), "txt": "one photo"}])
     out = tmp_path / "ds"
-    build_data(out=out, input=f"{a}::{b}", teacher="test_tiny", build=BuildArgs(**KW))
+    build_data(out=out, data=InputArgs(path=f"{a}::{b}"), teacher="test_tiny", build=BuildArgs(**KW))
     write_tar(b, [{"__key__": "y", "jpg": image_bytes(seed=4), "txt": "another photo"}])
-    rerun = build_data(out=out, input=f"{a}::{b}", teacher="test_tiny", build=BuildArgs(**KW))
+    rerun = build_data(out=out, data=InputArgs(path=f"{a}::{b}"), teacher="test_tiny", build=BuildArgs(**KW))
     assert rerun["shards_resumed"] == 1 and rerun["shards_done"] == 1 and rerun["written"] == 1
     assert verify_dataset(out)["ok"]
 
@@ -103,11 +117,13 @@ def test_a_changed_input_tar_rebuilds_its_shard(tmp_path, corpus, write_tar, ima
 def test_damaged_config_json_is_a_usage_error(tmp_path, corpus):
     spec = str(corpus / "train" / "shapes-train-000002.tar")
     out = tmp_path / "ds"
-    build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW))
+    build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**KW))
     (out / "config.json").write_text('{"model_name": "x", "buil')
     with pytest.raises(UsageError, match="config.json is not valid JSON.*--overwrite"):
-        build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW))
-    assert build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW), overwrite=True)["ok"]
+        build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**KW))
+    assert build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**KW), overwrite=True)[
+        "ok"
+    ]
     assert verify_dataset(out)["ok"]
 
 
@@ -164,7 +180,7 @@ def test_duplicate_keys_in_one_tar_and_across_tars_keep_the_first(tmp_path, writ
         [{"__key__": "u2", "jpg": img[3], "txt": "u2 again, other tar"}, {"__key__": "u3", "jpg": img[3], "txt": "u3"}],
     )
     out = tmp_path / "ds"
-    summary = build_data(out=out, input=f"{a}::{b}", teacher="test_tiny", build=BuildArgs(**KW))
+    summary = build_data(out=out, data=InputArgs(path=f"{a}::{b}"), teacher="test_tiny", build=BuildArgs(**KW))
     assert summary["written"] == 3 and summary["skipped"] == {"duplicate_uid": 2}
     report = verify_dataset(out)
     assert report["ok"], report["problems"]
@@ -200,7 +216,10 @@ def test_captions_file_rows_are_counted_and_paths_kept_inside(tmp_path, image_by
     assert stats.rows_skipped == {"no_caption": 2, "unsafe_path": 2}
     out = tmp_path / "ds"
     summary = build_data(
-        out=out, input=str(root), captions=tmp_path / "caps.csv", teacher="test_tiny", build=BuildArgs(**KW)
+        out=out,
+        data=InputArgs(path=str(root), captions=tmp_path / "caps.csv"),
+        teacher="test_tiny",
+        build=BuildArgs(**KW),
     )
     assert summary["written"] == 2 and summary["caption_rows_skipped"] == {"no_caption": 2, "unsafe_path": 2}
 
@@ -231,7 +250,12 @@ def test_out_that_is_a_file_fails_in_one_line_before_any_model(tmp_path, capsys)
 def test_out_holding_the_inputs_is_refused(tmp_path, corpus):
     shutil.copy(corpus / "train" / "shapes-train-000002.tar", tmp_path / "00000000.tar")
     with pytest.raises(UsageError, match="holds the input shard 00000000.tar"):
-        build_data(out=tmp_path, input=str(tmp_path / "00000000.tar"), teacher="test_tiny", build=BuildArgs(**KW))
+        build_data(
+            out=tmp_path,
+            data=InputArgs(path=str(tmp_path / "00000000.tar")),
+            teacher="test_tiny",
+            build=BuildArgs(**KW),
+        )
 
 
 def test_overwrite_refuses_while_another_build_is_running(tmp_path, corpus):
@@ -239,13 +263,15 @@ def test_overwrite_refuses_while_another_build_is_running(tmp_path, corpus):
 
     spec = str(corpus / "train" / "shapes-train-000002.tar")
     out = tmp_path / "ds"
-    build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW))
+    build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**KW))
     running = FileLock(out / "_progress" / "locks" / "build.lock", shared=True).acquire()  # what a build holds
     try:
         with pytest.raises(UsageError, match="another build-data process is writing"):
-            build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW), overwrite=True)
+            build_data(out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**KW), overwrite=True)
         assert (out / "00000000.tar").is_file()  # nothing was deleted
-        resumed = build_data(out=out, input=spec, teacher="test_tiny", build=BuildArgs(**KW))  # builds share it
+        resumed = build_data(
+            out=out, data=InputArgs(path=spec), teacher="test_tiny", build=BuildArgs(**KW)
+        )  # builds share it
         assert resumed["shards_resumed"] == 1
     finally:
         running.release()
