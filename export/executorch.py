@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from export._quiet import captured_fd2
 from export._report import ExportReport, parity, path_size
-from export.prepare import ExportLayerNorm, L2Norm, RowReduce
+from export.prepare import ExportLayerNorm, L2Norm, RowReduce, untile_grouped_convs
 from mcd_common.files import atomic_write_bytes
 
 # NOTE: executorch, coremltools and torchao are imported inside the functions that use them: heavy optional
@@ -296,7 +296,11 @@ def export_executorch(
             raise ValueError("int8 PT2E quantisation is implemented for the xnnpack backend only")
         # int8 programs also keep the token table in FP16: it is most of a text tower's file (101 MB of 170 MB
         # for MobileCLIP-S0 in FP32) and its rounding is far below the int8 error
-        program = quantize_pt2e(half_embeddings(encoder), example, quantize, calibration)
+        encoder = half_embeddings(encoder)  # a copy
+        if quantize == "int8" and untile_grouped_convs(encoder):
+            # static int8 quantizes the tiles' zero padding into a constant pad XNNPACK cannot compile
+            _logger.debug("%s: static int8 uses the untiled grouped convolutions", tower)
+        program = quantize_pt2e(encoder, example, quantize, calibration)
     else:
         program = torch.export.export(encoder, example)
     edge = to_edge_transform_and_lower(program, partitioner=_partitioners(backend, precision))

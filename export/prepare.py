@@ -64,6 +64,7 @@ __all__ = [
     "prepare_towers",
     "reparameterize",
     "student_meta",
+    "untile_grouped_convs",
     "vocab_size",
 ]
 
@@ -162,6 +163,26 @@ class TiledGroupedConv(nn.Module):
         self.bias = nn.Parameter(bias.reshape(1, -1, 1, 1))
         self.kernel = k
 
+    def as_conv(self) -> nn.Conv2d:
+        """The equivalent single ``k x k`` convolution (tiles reassembled, the folded BatchNorm kept in its bias).
+
+        For graphs XNNPACK cannot take with the tiles: in a static int8 program the zero padding of the shifted views
+        becomes a quantized constant pad, which XNNPACK 1.5.1 refuses to compile (``StaticConstantPad ...
+        xnn_status_invalid_parameter``), and the quantized depthwise kernels are not the slow FP32 ones.
+        """
+        first = self.tiles[0]
+        k, t = self.kernel, self.tile
+        conv = nn.Conv2d(
+            first.in_channels, first.out_channels, k, self.stride, self.padding, groups=self.groups, bias=True
+        )
+        with torch.no_grad():
+            weight = torch.zeros_like(conv.weight)
+            for (oy, ox), part in zip(self.offsets, self.tiles, strict=True):
+                weight[:, :, oy : oy + t, ox : ox + t] += part.weight
+            conv.weight.copy_(weight)
+            conv.bias.copy_(self.bias.flatten())
+        return conv.to(first.weight.device)
+
     @staticmethod
     def supports(conv: nn.Module, tile: int = 5) -> bool:
         """Square grouped convolutions larger than ``tile`` with zero padding and no dilation."""
@@ -187,6 +208,21 @@ class TiledGroupedConv(nn.Module):
             y = conv(x[:, :, oy : oy + s * (ho - 1) + t, ox : ox + s * (wo - 1) + t])
             out = y if out is None else out + y
         return out + self.bias
+
+
+def untile_grouped_convs(model: nn.Module) -> int:
+    """Replace every `TiledGroupedConv` in ``model`` by its single convolution (`TiledGroupedConv.as_conv`), in place.
+
+    Returns:
+        How many were replaced.
+    """
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, TiledGroupedConv):
+                setattr(parent, name, child.as_conv())
+                count += 1
+    return count
 
 
 def _set_embed_dim(encoder: nn.Module, dim: int) -> None:

@@ -17,6 +17,7 @@ from export.prepare import (
     example_inputs,
     prepare_towers,
     reparameterize,
+    untile_grouped_convs,
 )
 
 STUDENTS = ["test_tiny", "test_tiny_mci", "test_tiny_mct", "test_tiny_coca"]
@@ -146,3 +147,9 @@ def test_tiled_grouped_conv_is_the_same_conv(k: int, stride: int, groups: int, c
     assert len(tiled.offsets) == ((k + 4) // 5) ** 2
     with torch.no_grad():
         torch.testing.assert_close(tiled(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+        # and back: one k x k conv (what static int8 programs get), the BatchNorm still folded in
+        single = tiled.as_conv()
+        assert single.kernel_size == (k, k) and single.groups == groups and single.stride == (stride, stride)
+        torch.testing.assert_close(single(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+        parent = torch.nn.Sequential(tiled, torch.nn.Identity())
+        assert untile_grouped_convs(parent) == 1 and isinstance(parent[0], torch.nn.Conv2d)
