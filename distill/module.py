@@ -111,15 +111,16 @@ class DistillModule(pl.LightningModule):
         if self.student.caption_loss_enabled:
             out = self.student.forward_train(pixels, text)
             if syn_text is not None:
-                out["syn_text_features"] = self.student.encode_text(syn_text, normalize=True)
+                out["syn_text_features"] = self.student.encode_text(syn_text, normalize=True, trim_padding=True)
             return out
         image_features = self.student.encode_image(pixels, normalize=True)
         out = {"image_features": image_features, "logit_scale": self.student.logit_scale.exp()}
         if syn_text is None:
-            out["text_features"] = self.student.encode_text(text, normalize=True)
+            out["text_features"] = self.student.encode_text(text, normalize=True, trim_padding=True)
         else:
-            # One text-tower pass for real and synthetic captions ([2B, L]), split afterwards (MobileCLIP).
-            both = self.student.encode_text(torch.cat([text, syn_text]), normalize=True)
+            # One text-tower pass for real and synthetic captions ([2B, L]), split afterwards (MobileCLIP); the
+            # padding after the longest caption is not computed (causal towers: the same features, see encode_text).
+            both = self.student.encode_text(torch.cat([text, syn_text]), normalize=True, trim_padding=True)
             out["text_features"], out["syn_text_features"] = both.split(text.shape[0])
         return out
 
@@ -144,7 +145,7 @@ class DistillModule(pl.LightningModule):
         if "label" in batch:
             self._val_store.setdefault("zeroshot", []).append((feats, batch["label"]))
         else:
-            texts = self.student.encode_text(batch["text"], normalize=True).float()  # [M, D], M captions
+            texts = self.student.encode_text(batch["text"], normalize=True, trim_padding=True).float()  # [M, D]
             self._val_store.setdefault("retrieval", []).append((feats, texts, batch["owner"]))
 
     def on_validation_epoch_end(self) -> None:

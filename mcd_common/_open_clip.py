@@ -24,7 +24,7 @@ import torch
 from open_clip import coca_model, factory
 from open_clip import model as open_clip_model
 from open_clip.coca_model import CoCa
-from open_clip.transformer import MultimodalTransformer, VisionTransformer
+from open_clip.transformer import MultimodalTransformer, TextTransformer, VisionTransformer
 from torch import nn
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "check_open_clip",
     "coca_encode_image",
     "find_checkpoint_in_dir",
+    "padding_trimmable",
+    "text_forward_without_padding",
     "vision_global_pool",
 ]
 
@@ -122,6 +124,47 @@ def coca_encode_image(
 def vision_global_pool(vit: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip `VisionTransformer._global_pool`: pooled features and the remaining tokens of `x` `[B, N, W]`."""
     return vit._global_pool(x)
+
+
+
+def padding_trimmable(tower: nn.Module) -> bool:
+    """Whether `text_forward_without_padding` gives `tower`'s own outputs: a plain causal open_clip `TextTransformer`.
+
+    That is: causal mask, no pad mask, no appended CLS token (CoCa), pooling at the first or the EOT position,
+    pooled output only, and neither a forward patched onto the instance (the L0 pruner's masked forward) nor a
+    compiled one (`Module.compile()`, which a second entry point would bypass).
+    """
+    return (
+        isinstance(tower, TextTransformer)
+        and tower.attn_mask is not None
+        and tower.cls_emb is None
+        and not tower.use_pad_mask
+        and tower.pool_type in ("argmax", "eos", "first")
+        and not tower.output_tokens
+        and "forward" not in tower.__dict__
+        and getattr(tower, "_compiled_call_impl", None) is None
+    )
+
+
+def text_forward_without_padding(tower: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """`tower(tokens)` without the columns that are padding in every row (for towers where `padding_trimmable`).
+
+    Under the causal mask no position attends to a later one, and the pooled position (EOT, or the first) comes
+    before a row's padding, so the pooled features equal the full-length forward's (to float rounding) while the
+    cost follows the longest caption of the batch, not the context length. open_clip's `_embeds` slices the
+    positional embedding to the input's length but hands its full-size causal mask on unless a pad mask is used, so
+    the mask is sliced for the duration of the call; the tower itself runs (its hooks too).
+    """
+    used = (tokens != tower.pad_id).any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if used.numel() else 1
+    if keep >= tokens.shape[1]:
+        return tower(tokens)
+    full_mask = tower.attn_mask
+    tower.attn_mask = full_mask[:keep, :keep]  # a registered (non-persistent) buffer: restored below
+    try:
+        return tower(tokens[:, :keep])
+    finally:
+        tower.attn_mask = full_mask
 
 
 check_open_clip()

@@ -83,8 +83,8 @@ class CoCaStudent(CLIPStudent):
         """Embed ALREADY normalised images `[B, 3, H, W]` (open_clip semantics) -> `[B, D]`."""
         return self._encode_image(image, normalize=normalize)[0]
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed tokens `[B, L]` -> `[B, D]`."""
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, trim_padding: bool = False) -> torch.Tensor:
+        """Embed tokens `[B, L]` -> `[B, D]` (`trim_padding` is ignored: the appended CLS token reads all positions)."""
         return self._encode_text(tokens, normalize=normalize)[0]
 
     # -- captioning ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from timm.models import reparameterize_model as timm_reparameterize_model
 from torch import nn
 
 from mcd_common._open_clip import build_text_tower as open_clip_text_tower
-from mcd_common._open_clip import build_vision_tower
+from mcd_common._open_clip import build_vision_tower, padding_trimmable, text_forward_without_padding
 from students.config import StudentCfg
 from students.hf_text import HFTextTower, HFTokenizer, check_hf_dir
 from students.mct import MCtTextTower
@@ -185,9 +185,18 @@ class CLIPStudent(nn.Module):
         features = self.visual(image)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed tokens `[B, L]` -> `[B, D]`."""
-        features = self.text(tokens)
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, trim_padding: bool = False) -> torch.Tensor:
+        """Embed tokens `[B, L]` -> `[B, D]`.
+
+        With `trim_padding`, a causal open_clip text tower runs only up to the batch's longest caption (the same
+        features, to float rounding, at a fraction of the cost; `mcd_common._open_clip.text_forward_without_padding`);
+        other towers (MCt, Hugging Face, CoCa, masked or compiled ones) run as usual. Training uses it; exported and
+        traced paths do not (its length depends on the data).
+        """
+        if trim_padding and padding_trimmable(self.text):
+            features = text_forward_without_padding(self.text, tokens)
+        else:
+            features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
     def tokenize(self, texts: list[str] | str) -> torch.Tensor:

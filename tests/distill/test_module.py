@@ -50,6 +50,17 @@ def test_real_and_synthetic_captions_share_one_text_forward_with_the_same_number
     torch.testing.assert_close(out["syn_text_features"], syn_alone, rtol=1e-5, atol=1e-6)
 
 
+def test_training_computes_text_only_up_to_the_longest_caption():
+    module = _module()
+    batch = _batch(module.student)
+    longest = int((torch.cat([batch["text"], batch["syn_text"]]) != 0).sum(1).max())
+    seen = []
+    hook = module.student.text.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    assert module.training_step(batch, 0).isfinite()
+    hook.remove()
+    assert seen == [longest] and longest < module.student.context_length
+
+
 def test_a_misspelt_target_key_in_the_batch_raises():
     module = _module()
     batch = _batch(module.student)

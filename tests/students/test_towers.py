@@ -150,3 +150,50 @@ def test_custom_cfg_builds_native_vit() -> None:
     student = CLIPStudent(cfg)
     assert student.visual.transformer.resblocks[0].attn.num_heads == 2
     assert dataclasses.replace(cfg, name="x").name == "x"
+
+
+def _captions(student: CLIPStudent) -> torch.Tensor:
+    return student.tokenize(["a dog", "two cats sitting on a red sofa!", "x"])  # "!" is token 0, the pad id
+
+
+@pytest.mark.parametrize("name", ["test_tiny", "test_tiny_mci"])
+def test_trimmed_padding_gives_the_same_features_and_gradients_on_shorter_inputs(name: str) -> None:
+    torch.manual_seed(0)
+    student = students.create_student(name).train()
+    tokens = _captions(student)
+    longest = int((tokens != 0).sum(1).max())
+    assert longest < tokens.shape[1]
+    params = [p for p in student.text.parameters() if p.requires_grad]
+    seen = []
+    hook = student.text.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    full = student.encode_text(tokens)
+    full_grads = torch.autograd.grad(full.square().sum(), params)
+    trimmed = student.encode_text(tokens, trim_padding=True)
+    trimmed_grads = torch.autograd.grad(trimmed.square().sum(), params)
+    hook.remove()
+    assert seen == [tokens.shape[1], longest]
+    assert student.text.attn_mask.shape == (tokens.shape[1], tokens.shape[1])  # the full mask is back
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(trimmed_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["test_tiny_mct", "test_tiny_coca"])
+def test_towers_that_read_every_position_are_never_trimmed(name: str) -> None:
+    # MCt mixes tokens with convolutions (both ways), CoCa pools an appended CLS token: padding changes their output.
+    student = students.create_student(name).eval()
+    tokens = _captions(student)
+    with torch.no_grad():
+        assert torch.equal(student.encode_text(tokens, trim_padding=True), student.encode_text(tokens))
+
+
+def test_a_masked_or_compiled_text_tower_is_not_trimmed() -> None:
+    from mcd_common._open_clip import padding_trimmable
+
+    student = students.create_student("test_tiny")
+    assert padding_trimmable(student.text)
+    student.text.forward = student.text.forward  # what the L0 pruner's masked forward looks like
+    assert not padding_trimmable(student.text)
+    del student.text.forward
+    student.text.compile()  # compiles lazily; a second entry point would bypass it
+    assert not padding_trimmable(student.text)
