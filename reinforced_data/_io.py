@@ -53,9 +53,20 @@ def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 def decode_npz(data: bytes) -> dict[str, np.ndarray]:
-    """Load every array of an `.npz` blob, refusing pickled (object) arrays."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    """Load every array of an `.npz` blob (writable arrays, keys as `np.load` names them), refusing pickled ones.
+
+    The training reader calls this for every sample: the header numpy writes is matched directly (`_parse_npy`;
+    numpy's own header parser, `ast.literal_eval`, is most of the cost of a small array), anything else goes
+    through numpy's reader.
+    """
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for member in zf.namelist():
+            raw = zf.read(member)
+            arr = _parse_npy(raw)
+            key = member.removesuffix(".npy")
+            out[key] = arr.copy() if arr is not None else np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+    return out
 
 
 def _parse_npy(raw: bytes) -> np.ndarray | None:

@@ -69,6 +69,7 @@ from reinforced_data.sources import (
 )
 
 __all__ = [
+    "CachedTokenizer",
     "ImageTextDataset",
     "ReinforcedDataError",
     "ReinforcedDataset",
@@ -88,6 +89,41 @@ _BAD_ARRAYS = (ValueError, OSError, EOFError, KeyError, RuntimeError, zipfile.Ba
 
 Tokenize = Callable[[list[str]], torch.Tensor]
 """A student tokenizer: `list[str] -> LongTensor [N, L]`."""
+
+
+class CachedTokenizer:
+    """A tokenizer that remembers the rows of the captions it has tokenized (per process, bounded).
+
+    Training sees every caption once per epoch; CLIP's BPE tokenizer (ftfy, regex, BPE merges) costs about as much
+    per caption as decoding a small image, so after the first epoch the rows come from memory. The rows are the
+    wrapped tokenizer's, stored as int32 (the vocabularies fit) and returned as new int64 tensors; the memory is not
+    pickled into loader workers (each fills its own).
+
+    Args:
+        tokenize: The student's tokenizer.
+        max_entries: Captions remembered at most (100,000 rows of 77 tokens: ~31 MB); later ones are tokenized
+            each time.
+    """
+
+    def __init__(self, tokenize: Tokenize, max_entries: int = 100_000) -> None:
+        self.tokenize, self.max_entries = tokenize, max_entries
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"tokenize": self.tokenize, "max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._rows = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._rows]
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            fresh = dict(zip(missing, self.tokenize(missing).to(torch.int32), strict=True))
+            if len(self._rows) + len(fresh) <= self.max_entries:
+                self._rows.update((t, row.clone()) for t, row in fresh.items())  # own storage, not the batch's
+        return torch.stack([self._rows[t] if t in self._rows else fresh[t] for t in texts]).long()
 
 
 class ReinforcedDataError(UsageError):

@@ -61,6 +61,18 @@ def test_training_computes_text_only_up_to_the_longest_caption():
     assert seen == [longest] and longest < module.student.context_length
 
 
+def test_adamw_is_fused_except_under_fp16_loss_scaling():
+    import types
+
+    module = _module()
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is True  # CPU too: one kernel per step
+    # fused + GradScaler + gradient clipping: Lightning refuses it
+    module._trainer = types.SimpleNamespace(precision="16-mixed", global_step=0)
+    assert not module.configure_optimizers()["optimizer"].defaults["fused"]
+    module._trainer = types.SimpleNamespace(precision="bf16-mixed", global_step=0)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is True
+
+
 def test_a_misspelt_target_key_in_the_batch_raises():
     module = _module()
     batch = _batch(module.student)

@@ -381,3 +381,55 @@ def test_fast_npz_reader_matches_numpy_and_refuses_pickles():
     np.savez(pickled, image_emb=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError):
         decode_npz_arrays(pickled.getvalue(), ("image_emb",))
+
+
+def test_every_sample_s_npz_is_read_like_numpy_but_writable_and_pickles_refused():
+    # decode_npz (what the training reader calls per sample) takes the fast header path and returns what np.load does
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    arrays = {"image_emb": rng.normal(size=(3, 8)).astype(np.float16), "text_emb": rng.normal(size=(1, 8))}
+    np.savez(buf, **arrays, fortran=np.asfortranarray(rng.normal(size=(4, 3))))
+    for blob in (encode_npz(arrays), buf.getvalue()):
+        with np.load(io.BytesIO(blob), allow_pickle=False) as ref:
+            expected = {k: ref[k] for k in ref.files}
+        got = decode_npz(blob)
+        assert list(got) == list(expected)
+        for name, arr in got.items():
+            assert arr.dtype == expected[name].dtype and np.array_equal(arr, expected[name])
+            assert arr.flags.writeable  # not a view of the shard's bytes
+    pickled = io.BytesIO()
+    np.savez(pickled, image_emb=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        decode_npz(pickled.getvalue())
+
+
+def test_cached_tokenizer_gives_the_tokenizers_rows_and_tokenizes_each_caption_once():
+    import pickle
+
+    from reinforced_data.reader import CachedTokenizer
+    from students import create_student
+
+    tokenize = create_student("test_tiny").text_tokenizer()
+    seen: list[str] = []
+
+    def counting(texts):
+        seen.extend(texts)
+        return tokenize(texts)
+
+    cached = CachedTokenizer(counting, max_entries=3)
+    captions = ["a red circle", "two blue squares", "a red circle"]
+    first = cached(captions)
+    assert first.dtype == torch.long and torch.equal(first, tokenize(captions))
+    assert seen == ["a red circle", "two blue squares"]  # duplicates within a call tokenized once
+    first[0, 0] = -1  # the caller owns what it gets
+    again = cached(["two blue squares", "a red circle"])
+    assert torch.equal(again, tokenize(["two blue squares", "a red circle"]))
+    assert seen == ["a red circle", "two blue squares"]  # from memory
+    over = cached(["one", "two green lines"])  # beyond max_entries: tokenized, not remembered
+    assert torch.equal(over, tokenize(["one", "two green lines"]))
+    cached(["one"])
+    assert seen[-3:] == ["one", "two green lines", "one"]
+    worker = CachedTokenizer(tokenize)
+    worker(captions)
+    clone = pickle.loads(pickle.dumps(worker))  # what a loader worker receives: no memory
+    assert clone._rows == {} and torch.equal(clone(["a red circle"]), tokenize(["a red circle"]))
