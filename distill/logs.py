@@ -96,10 +96,22 @@ KNOWN_NOISE: tuple[KnownNoise, ...] = (
         "(< 50,000), which int32 holds exactly",
     ),
     KnownNoise(
+        "coremltools",
+        r"^Core ML embedding \(gather\) layer does not support any inputs besides the weights and indices",
+        "the ignored inputs are `F.embedding`'s padding_idx / scale_grad_by_freq, which only shape training "
+        "gradients; no tower here sets max_norm (the one option that changes outputs)",
+    ),
+    KnownNoise(
         "onnxscript.optimizer._constant_folding",
         r"Skipping constant folding for op",
         "onnxscript's optimiser leaves a node (e.g. LayerNormalization with unused extra outputs) unfolded: an "
         "optimisation skipped, the node is computed at run time and the ONNX parity check still runs",
+    ),
+    KnownNoise(
+        "onnxscript.optimizer._constant_folding",
+        r"^Evaluation failed: cannot reshape array",
+        "onnxscript's optimiser could not pre-compute a node (a Hugging Face text tower's mask reshape) and leaves it "
+        "to run time; the exported graph is unchanged and the ONNX Runtime parity check still runs",
     ),
     KnownNoise(
         "torch.utils._pytree",
@@ -150,11 +162,16 @@ class _LevelFilter(logging.Filter):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at emit time (pytest and `contextlib.redirect_stderr` swap it)."""
+    """Writes to whatever `sys.stderr` is at emit time (pytest and `contextlib.redirect_stderr` swap it).
+
+    A stand-in stderr that captures a converter's output (`export._quiet.captured_stderr`) names the real stream
+    in its `log_stream` attribute: log records go there, formatted once, instead of into the capture (which would
+    re-log them as the converter's output, with a second prefix).
+    """
 
     @property
     def stream(self) -> TextIO:  # type: ignore[override]
-        return sys.stderr
+        return getattr(sys.stderr, "log_stream", None) or sys.stderr
 
     @stream.setter
     def stream(self, value: TextIO) -> None:

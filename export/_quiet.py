@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import TextIO
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +27,17 @@ __all__ = [
 
 # tqdm redraws a bar with "\r"; a finished bar ends in a rate ("1124.80 ops/s", "164.58 passes/s")
 _PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\[\d\d:\d\d<")
+# the end of a tqdm bar ("[00:00<00:00, 135.30 passes/s]"): output written while a bar is open follows it on its line
+_BAR_END = re.compile(r"\[\d+:\d\d<[^\]]*\]")
+
+
+class _Capture(io.StringIO):
+    """The stand-in `sys.stderr` of `captured_stderr`: collects what converters write; `log_stream` tells the CLI's
+    log handler (which follows `sys.stderr`) where our own records still go."""
+
+    def __init__(self, log_stream: TextIO) -> None:
+        super().__init__()
+        self.log_stream = log_stream
 
 
 @contextlib.contextmanager
@@ -38,18 +50,22 @@ def captured_stderr(source: str) -> Iterator[None]:
     Args:
         source: Name used in the re-logged lines (``coremltools``, ``torch.onnx``).
     """
-    buf = io.StringIO()
+    buf = _Capture(sys.stderr)
     try:
         with contextlib.redirect_stderr(buf):
             yield
     finally:
         for line in re.split(r"[\r\n]+", buf.getvalue()):
-            if not line.strip():
+            end = _BAR_END.search(line)
+            bar, rest = (line[: end.end()], line[end.end() :]) if end else ("", line)
+            if bar.strip():
+                _logger.debug("%s: %s", source, bar.strip())
+            if not rest.strip():
                 continue
-            if _PROGRESS.search(line):
-                _logger.debug("%s: %s", source, line.strip())
+            if _PROGRESS.search(rest):
+                _logger.debug("%s: %s", source, rest.strip())
             else:
-                _logger.warning("%s: %s", source, line.rstrip())
+                _logger.warning("%s: %s", source, rest.rstrip())
 
 
 @contextlib.contextmanager

@@ -139,3 +139,28 @@ def test_lightning_imported_before_the_cli_is_brought_under_our_levels():
     finally:
         lightning.removeHandler(private)
         lightning.propagate = saved
+
+
+def test_log_records_during_a_converter_capture_go_out_once_and_whole(capsys):
+    # export captures what converters write to sys.stderr; our handler follows sys.stderr, so without the capture's
+    # `log_stream` our own records were captured too and re-logged as converter output (a second prefix, the lines
+    # of a multi-line warning apart, a record glued to a progress bar and dropped with it as DEBUG).
+    import sys
+
+    from export._quiet import captured_stderr
+
+    configure_logging(0)
+    try:
+        with captured_stderr("coremltools"):
+            sys.stderr.write("\rRunning MIL default pipeline:  59%|#####8    | 56/95 [00:00<00:00, 135.30 passes/s]")
+            logging.getLogger("somelib").warning("overflow encountered in cast\n  return x.astype(y)")
+            sys.stderr.write("converter says hi\n")
+        err = capsys.readouterr().err
+    finally:
+        reset_logging()
+    lines = err.splitlines()
+    first = next(i for i, line in enumerate(lines) if "overflow encountered in cast" in line)
+    assert lines[first].endswith("WARNING somelib: overflow encountered in cast") and "_quiet" not in lines[first]
+    assert lines[first + 1] == "  return x.astype(y)" and err.count("overflow encountered") == 1
+    assert any(line.endswith("WARNING export._quiet: coremltools: converter says hi") for line in lines)
+    assert "passes/s" not in err  # the bar itself is DEBUG
