@@ -61,16 +61,28 @@ def test_training_computes_text_only_up_to_the_longest_caption():
     assert seen == [longest] and longest < module.student.context_length
 
 
-def test_adamw_is_fused_except_under_fp16_loss_scaling():
+def test_adamw_is_fused_except_under_mixed_precision():
     import types
 
     module = _module()
     assert module.configure_optimizers()["optimizer"].defaults["fused"] is True  # CPU too: one kernel per step
-    # fused + GradScaler + gradient clipping: Lightning refuses it
-    module._trainer = types.SimpleNamespace(precision="16-mixed", global_step=0)
-    assert not module.configure_optimizers()["optimizer"].defaults["fused"]
-    module._trainer = types.SimpleNamespace(precision="bf16-mixed", global_step=0)
+    for precision in ("16-mixed", "bf16-mixed"):  # Lightning's amp plugin refuses clipping with a fused optimizer
+        module._trainer = types.SimpleNamespace(precision=precision, global_step=0)
+        assert not module.configure_optimizers()["optimizer"].defaults["fused"]
+    module._trainer = types.SimpleNamespace(precision="bf16-true", global_step=0)
     assert module.configure_optimizers()["optimizer"].defaults["fused"] is True
+
+
+def test_mixed_precision_with_gradient_clipping_trains(tmp_path, tiny_corpus):
+    from distill.cli import main
+
+    argv = [
+        "train", "--student", "test_tiny", "--data.path", str(tiny_corpus / "train"), "--data.batch_size", "8",
+        "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed",
+        "--trainer.gradient_clip_val", "1.0", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false", "--val.zeroshot", "null", "--val.retrieval", "null",
+    ]  # fmt: skip
+    assert main(argv) == 0
 
 
 def test_a_misspelt_target_key_in_the_batch_raises():
