@@ -418,7 +418,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _val_args(ctx: Ctx, split: Path) -> list[str]:
-    out = ["--val.retrieval", str(ctx.flickr), "--val.retrieval_split_file", str(split)]
+    out = ["--val.retrieval", str(ctx.flickr), "--val.split_file", str(split)]
     if ctx.scale.test_images:
         out += ["--val.max_images", str(ctx.scale.test_images)]
     return out
@@ -595,9 +595,9 @@ def build_args(ctx: Ctx, crop: float) -> list[str]:
         "build-data",
         "--out",
         str(ctx.data_dir()),
-        "--input",
+        "--data.path",
         str(ctx.flickr),
-        "--split_file",
+        "--data.split_file",
         str(ctx.train_split),
         "--teacher",
         ctx.ensemble,
@@ -843,11 +843,11 @@ def train_students(ctx: Ctx, kd_scale: float | None, crop: float) -> None:
 
 def _eval_args(ctx: Ctx) -> list[str]:
     out = [
-        "--data.zeroshot",
+        "--val.zeroshot",
         str(ctx.cifar),
-        "--data.retrieval",
+        "--val.retrieval",
         str(ctx.flickr),
-        "--data.retrieval_split_file",
+        "--val.split_file",
         str(ctx.test_split),
         "--num_workers",
         "1",
@@ -891,8 +891,8 @@ def export_and_bench(ctx: Ctx) -> None:
             args = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "executorch"]
             distill(ctx, Job(f"export_{student}", args, force_subprocess=True))
         if not (out / "bench.jsonl").is_file():
-            args = ["bench", "--artifacts", str(out), "--args.threads", str(ctx.threads)]
-            args += ["--args.iters", str(ctx.scale.bench_iters), "--args.rounds", "3"]
+            args = ["bench", "--artifacts", str(out), "--threads", str(ctx.threads)]
+            args += ["--iters", str(ctx.scale.bench_iters), "--rounds", "3"]
             distill(ctx, Job(f"bench_{student}", args, force_subprocess=True))
 
 

@@ -45,7 +45,7 @@ def _timing_command(command: str, root: Path, steps: int) -> list[str]:
     setopt("--trainer.default_root_dir", str(root))
     setopt("--trainer.checkpoint_every_n_steps", str(10 * steps))
     setopt("--trainer.log_every_n_steps", "2")
-    for flag in ("--val.retrieval", "--val.retrieval_split_file", "--trainer.val_check_interval", "--val.max_images"):
+    for flag in ("--val.retrieval", "--val.split_file", "--trainer.val_check_interval", "--val.max_images"):
         if flag in cmd:
             i = cmd.index(flag)
             del cmd[i : i + 2]

@@ -54,7 +54,7 @@ def prepare(work: Path, n_train: int) -> tuple[Path, Path]:
     if not (reinforced / "_meta.json").is_file() and not any(reinforced.glob("*.tar")):
         build = ["--build.num_augs", "2", "--build.num_syn", "0", "--build.num_workers", "1"]
         build += ["--build.progress", "false"]
-        _distill(ROOT, ["build-data", "--input", str(corpus / "train"), "--out", str(reinforced)]
+        _distill(ROOT, ["build-data", "--data.path", str(corpus / "train"), "--out", str(reinforced)]
                  + ["--teacher", "test_tiny", *build])  # fmt: skip
     return corpus / "train", reinforced
 
