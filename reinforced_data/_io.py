@@ -62,10 +62,8 @@ def decode_npz(data: bytes) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for member in zf.namelist():
-            raw = zf.read(member)
-            arr = _parse_npy(raw)
-            key = member.removesuffix(".npy")
-            out[key] = arr.copy() if arr is not None else np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+            arr = _read_npy(zf.read(member))
+            out[member.removesuffix(".npy")] = arr if arr.flags.writeable else arr.copy()
     return out
 
 
@@ -93,6 +91,12 @@ def _parse_npy(raw: bytes) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype, count=count, offset=start + hlen).reshape(shape)
 
 
+def _read_npy(raw: bytes) -> np.ndarray:
+    """A `.npy` blob: the direct header parse (`_parse_npy`, a read-only view) or numpy's reader (no pickles)."""
+    arr = _parse_npy(raw)
+    return arr if arr is not None else np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+
+
 def decode_npz_arrays(data: bytes, names: Sequence[str]) -> dict[str, np.ndarray]:
     """The named arrays of an `.npz` blob (names it lacks are left out), refusing pickled (object) arrays.
 
@@ -106,9 +110,7 @@ def decode_npz_arrays(data: bytes, names: Sequence[str]) -> dict[str, np.ndarray
         for name in names:
             if f"{name}.npy" not in entries:
                 continue
-            raw = zf.read(f"{name}.npy")
-            arr = _parse_npy(raw)
-            out[name] = arr if arr is not None else np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+            out[name] = _read_npy(zf.read(f"{name}.npy"))
     return out
 
 
