@@ -855,7 +855,7 @@ def _eval_args(ctx: Ctx) -> list[str]:
         "cpu",
     ]
     if ctx.scale.test_images:
-        out += ["--data.max_images", str(max(ctx.scale.test_images, 100))]
+        out += ["--val.max_images", str(max(ctx.scale.test_images, 100))]
     return out
 
 
