@@ -75,3 +75,17 @@ def image_folder(tmp_path: Path) -> Path:
             buf.seek(0)
             tf.addfile(info, buf)
     return folder
+
+
+@pytest.fixture
+def student_embedding() -> Callable[[torch.nn.Module, str, torch.Tensor], torch.Tensor]:
+    """The student's own L2-normalised embedding of a tower input (uint8/[0,1] pixels or int tokens): what an
+    exported program is checked against, independently of the export wrappers."""
+
+    def embed(student: torch.nn.Module, tower: str, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if tower == "image":
+                return student.encode_image(student.normalize(x))
+            return student.encode_text(x.long())
+
+    return embed

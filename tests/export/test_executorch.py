@@ -13,13 +13,6 @@ from export.executorch import available_executorch_backends, export_executorch, 
 from export.prepare import example_inputs, prepare_towers
 
 
-def _student_embedding(student: torch.nn.Module, tower: str, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        if tower == "image":
-            return student.encode_image(student.normalize(x))
-        return student.encode_text(x.long())
-
-
 @pytest.mark.parametrize(
     ("name", "tower", "one_delegate"),
     [
@@ -28,7 +21,7 @@ def _student_embedding(student: torch.nn.Module, tower: str, x: torch.Tensor) ->
         ("test_tiny_mci", "image", True),  # FastViT (MobileOne/RepMixer folded)
     ],
 )
-def test_pte_parity(make_student, tmp_path: Path, name: str, tower: str, one_delegate: bool) -> None:
+def test_pte_parity(make_student, student_embedding, tmp_path: Path, name: str, tower: str, one_delegate: bool) -> None:
     student = make_student(name)
     image_enc, text_enc = prepare_towers(student, backend="xnnpack")
     image, tokens = example_inputs(student.image_size, student.context_length)
@@ -39,7 +32,7 @@ def test_pte_parity(make_student, tmp_path: Path, name: str, tower: str, one_del
     # independent check: run the program ourselves on a second input, compare with the student's own forward
     x2 = torch.rand_like(image) if tower == "image" else student.tokenize(["a cat on a mat"]).to(torch.int32)
     got = load_pte(report.path).execute([x2])[0]
-    want = _student_embedding(student, tower, x2)
+    want = student_embedding(student, tower, x2)
     assert F.cosine_similarity(got, want).min() >= 0.999
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(1), atol=1e-5, rtol=0)
     if one_delegate:

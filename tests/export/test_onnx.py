@@ -14,13 +14,6 @@ from export.onnx import OnnxRunner, export_onnx, quantize_onnx
 from export.prepare import example_inputs, prepare_towers
 
 
-def _student_embedding(student: torch.nn.Module, tower: str, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        if tower == "image":
-            return student.encode_image(student.normalize(x))
-        return student.encode_text(x.long())
-
-
 @pytest.mark.parametrize(
     ("name", "tower", "dynamic"),
     [
@@ -30,7 +23,7 @@ def _student_embedding(student: torch.nn.Module, tower: str, x: torch.Tensor) ->
         ("test_tiny_coca", "text", True),  # CoCa: CLS token with a per-sample pad mask
     ],
 )
-def test_onnx_parity(make_student, tmp_path: Path, name: str, tower: str, dynamic: bool) -> None:
+def test_onnx_parity(make_student, student_embedding, tmp_path: Path, name: str, tower: str, dynamic: bool) -> None:
     student = make_student(name)
     encoders = dict(zip(("image", "text"), prepare_towers(student, backend="eager"), strict=True))
     image, tokens = example_inputs(student.image_size, student.context_length)
@@ -48,7 +41,7 @@ def test_onnx_parity(make_student, tmp_path: Path, name: str, tower: str, dynami
         x2 = student.tokenize(["a cat on a mat", "two dogs", "x"]).to(torch.int32)
     runner = OnnxRunner(report.path, threads=1)
     assert runner.dynamic_batch == dynamic
-    got, want = runner(x2), _student_embedding(student, tower, x2)
+    got, want = runner(x2), student_embedding(student, tower, x2)
     assert F.cosine_similarity(got, want).min() >= 0.99999
     assert (got - want).abs().max() < 1e-5
 
