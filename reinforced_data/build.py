@@ -382,6 +382,7 @@ def _teach_meta(ens: teachers.TeacherEnsemble, aug: AugmentCfg) -> dict:
                 "weights_sha256": _weights_sha256(t),
                 "dim": int(t.embed_dim),
                 "logit_scale": float(t.logit_scale),
+                "learned_logit_scale": t.learned_logit_scale,
                 "image_size": int(t.image_size),
                 "mean": [float(v) for v in cfg.mean],
                 "std": [float(v) for v in cfg.std],

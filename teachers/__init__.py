@@ -15,6 +15,7 @@ import importlib
 from . import published  # noqa: F401  (registers the named teachers and captioners)
 from .local_dir import list_local_dir_backends, register_local_dir_backend
 from .registry import (
+    DEFAULT_KD_LOGIT_SCALE,
     CaptionerCfg,
     TeacherCfg,
     WeightSpec,
@@ -47,6 +48,7 @@ def __getattr__(name: str) -> object:  # PEP 562: keep torch/open_clip out of `i
 
 
 __all__ = [
+    "DEFAULT_KD_LOGIT_SCALE",
     "CaptionerCfg",
     "TeacherCfg",
     "WeightSpec",

@@ -28,10 +28,13 @@ def _clip(name: str, arch: str, pretrained: str, **kw: object) -> TeacherCfg:
 
 # --- single teachers ---------------------------------------------------------------------------------------------
 # NOTE: OpenAI and DFN2B (5B-sample) checkpoints were trained with QuickGELU, hence the -quickgelu architectures.
-_clip("vit_l14.openai", "ViT-L-14-quickgelu", "openai")
-_clip("vit_l14.datacomp_xl", "ViT-L-14", "datacomp_xl_s13b_b90k")
-_clip("vit_l14.dfn2b", "ViT-L-14-quickgelu", "dfn2b", weights=WeightSpec(hf_hub="apple/DFN2B-CLIP-ViT-L-14/"))
-_clip("vit_l14.dfn2b_39b", "ViT-L-14", "dfn2b_s39b", weights=WeightSpec(hf_hub="apple/DFN2B-CLIP-ViT-L-14-39B/"))
+# KD logit scales: MobileCLIP's (v1 100 for both L/14 teachers, v2 70 and 60); the others take the default (50).
+_clip("vit_l14.openai", "ViT-L-14-quickgelu", "openai", logit_scale=100.0)
+_clip("vit_l14.datacomp_xl", "ViT-L-14", "datacomp_xl_s13b_b90k", logit_scale=100.0)
+_dfn2b = WeightSpec(hf_hub="apple/DFN2B-CLIP-ViT-L-14/")
+_clip("vit_l14.dfn2b", "ViT-L-14-quickgelu", "dfn2b", weights=_dfn2b, logit_scale=70.0)
+_dfn2b_39b = WeightSpec(hf_hub="apple/DFN2B-CLIP-ViT-L-14-39B/")
+_clip("vit_l14.dfn2b_39b", "ViT-L-14", "dfn2b_s39b", weights=_dfn2b_39b, logit_scale=60.0)
 _clip("vit_b16.openai", "ViT-B-16-quickgelu", "openai")
 _clip("vit_b32.laion2b", "ViT-B-32", "laion2b_s34b_b79k")
 _clip("siglip_b16.webli", "ViT-B-16-SigLIP", "webli", mean=HALF, std=HALF)

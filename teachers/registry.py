@@ -32,6 +32,7 @@ from mcd_common.weight_spec import WeightSpec
 _logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_KD_LOGIT_SCALE",
     "WeightSpec",
     "TeacherCfg",
     "CaptionerCfg",
@@ -65,6 +66,12 @@ def _coerce_loaded_fields(cfg: TeacherCfg | CaptionerCfg, tuple_fields: tuple[st
         object.__setattr__(cfg, "weights", WeightSpec(**cfg.weights))
 
 
+DEFAULT_KD_LOGIT_SCALE = 50.0
+"""KD temperature of a teacher whose config names none (local, Hugging Face and most registered teachers): TinyCLIP's
+50, which also won on the Flickr8k dev split against the teachers' own learned scales and 100 (docs/RESULTS.md).
+Published recipes keep theirs: MobileCLIP v1's L/14 teachers 100, MobileCLIP2's DFN2B pair 70 and 60."""
+
+
 @dataclass(frozen=True)
 class TeacherCfg:
     """A teacher: which checkpoint, how to feed it, and at which KD temperature to use it.
@@ -92,7 +99,8 @@ class TeacherCfg:
     interpolation: Interpolation | None = None
     """Resize filter used when pixels are not ``image_size``."""
     logit_scale: float | None = None
-    """Fixed KD logit scale (e.g. 100); ``None`` uses the checkpoint's learned ``exp(logit_scale)``."""
+    """Fixed KD logit scale (MobileCLIP v1: 100); ``None`` uses ``teacher.DEFAULT_KD_LOGIT_SCALE`` (50), never the
+    checkpoint's learned ``exp(logit_scale)`` (kept as ``Teacher.learned_logit_scale``)."""
     members: tuple[str, ...] = ()
     """Ensemble member names, in embedding slice order (``source="ensemble"`` only)."""
     member_logit_scales: tuple[float, ...] = ()

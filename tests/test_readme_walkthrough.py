@@ -106,7 +106,10 @@ def test_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     s0 = tmp_path / "runs" / "s0"
     run = json.loads((s0 / "run.json").read_text())
     assert run["mode"] == "reinforced" and run["steps"] == 4
-    assert run["config"]["loss"]["teacher_logit_scale"] == 50
+    # the defaults the walkthrough relies on: KD at 50 for a teacher without a published scale, crops >= 0.08
+    teach = json.loads((tmp_path / "data" / "dr" / "teach.json").read_text())
+    assert [t["logit_scale"] for t in teach["teachers"]] == [50.0] and teach["teachers"][0]["learned_logit_scale"]
+    assert set(run["loss"]["teacher_logit_scales"].values()) == {50.0}
     assert Path(run["best_checkpoint"]) == (s0 / "checkpoints" / "best.ckpt").resolve()
     assert Path(run["best_checkpoint"]).is_file() and run["best_metric"] == "val/t2i_R@1"
     for name in ("teacher", "s0"):

@@ -50,7 +50,8 @@ def test_mct_student_is_a_teacher_with_the_students_own_embeddings(mct_student_d
     assert isinstance(teacher, StudentTeacher) and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
     assert (teacher.image_size, teacher.context_length, teacher.embed_dim) == (32, 16, 32)
-    assert teacher.logit_scale == pytest.approx(student.logit_scale.exp().item())
+    assert teacher.learned_logit_scale == pytest.approx(student.logit_scale.exp().item())
+    assert teacher.logit_scale == teachers.DEFAULT_KD_LOGIT_SCALE
     images, captions = _pixels(), ["a red circle", "two blue squares", "a star"]
     with torch.no_grad():
         torch.testing.assert_close(

@@ -45,5 +45,9 @@ def test_two_ranks_write_the_single_rank_dataset(tmp_path, corpus_spec, built, b
             assert a == b, name
         else:
             assert path.read_bytes() == reference[name].read_bytes(), name
-    assert ranks == {0, 1}, "both ranks must have written shards"
+    # Both ranks ran; which one wrote which shard depends on timing (a rank that finishes its own shards builds any
+    # other unbuilt one, so on a loaded machine one rank can write them all), the bytes may not.
+    assert ranks <= {0, 1} and ranks, ranks
+    log = proc.stdout + proc.stderr
+    assert "build-data rank 0/2" in log and "build-data rank 1/2" in log, log[-3000:]
     assert json.loads((out / "progress.json").read_text())["complete"]

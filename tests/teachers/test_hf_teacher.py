@@ -36,7 +36,8 @@ def test_hf_clip_round_trip(hf_clip_dir: Path) -> None:
     assert isinstance(teacher, teachers.HFTeacher) and teacher.name == f"hf:{hf_clip_dir}"
     assert (teacher.embed_dim, teacher.image_size, teacher.context_length) == (24, 32, 16)
     assert teacher.cfg.std == (0.5, 0.5, 0.5) and teacher.cfg.interpolation == "bilinear"
-    assert teacher.logit_scale == pytest.approx(math.exp(model.logit_scale.item()))
+    assert teacher.learned_logit_scale == pytest.approx(math.exp(model.logit_scale.item()))
+    assert teacher.logit_scale == teachers.DEFAULT_KD_LOGIT_SCALE
     x = torch.rand(2, 3, 32, 32)
     img, txt, ids = _direct(model, tokenizer, x, teacher.cfg.mean, teacher.cfg.std, TEXTS, 16)
     torch.testing.assert_close(teacher.encode_image(x), img, rtol=0, atol=1e-6)

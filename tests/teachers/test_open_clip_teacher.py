@@ -40,7 +40,8 @@ def test_checkpoint_file_matches_direct_open_clip(fmt: str, saved_teacher_ckpt, 
         torch.testing.assert_close(teacher.encode_image(x), direct_img, rtol=0, atol=1e-6)
         assert torch.equal(teacher.tokenize(TEXTS), tokens)
         torch.testing.assert_close(teacher.encode_texts(TEXTS), direct_txt, rtol=0, atol=1e-6)
-        assert teacher.logit_scale == pytest.approx(math.exp(3.0))
+        assert teacher.learned_logit_scale == pytest.approx(math.exp(3.0))
+        assert teacher.logit_scale == teachers.DEFAULT_KD_LOGIT_SCALE == 50.0
         assert (teacher.embed_dim, teacher.image_size, teacher.context_length) == (32, 32, 16)
         assert teacher.cfg.mean == pytest.approx(tuple(OPENAI_MEAN.flatten().tolist()))
     # and they really differ from the registry's own (seeded random) test_tiny
@@ -58,7 +59,7 @@ def test_local_dir_uses_directory_preprocessing(tmp_path: Path, open_clip_tiny, 
     assert (teacher.cfg.mean, teacher.cfg.std, teacher.cfg.interpolation) == ((0.5,) * 3, (0.25,) * 3, "bilinear")
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(teacher.encode_image(x), _direct_image(open_clip_tiny, x, 0.5, 0.25), rtol=0, atol=1e-6)
-    assert teacher.logit_scale == pytest.approx(math.exp(3.0))
+    assert teacher.learned_logit_scale == pytest.approx(math.exp(3.0))
     # a weights file overrides the directory's own checkpoint
     other = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in open_clip_tiny.state_dict().items()}
     from safetensors.torch import save_file
@@ -140,7 +141,27 @@ def test_tiny_random_weights_are_deterministic_and_keep_global_rng() -> None:
 
 def test_logit_scale_override() -> None:
     assert teachers.create_teacher("test_tiny", logit_scale=100.0).logit_scale == 100.0
-    assert teachers.create_teacher("test_tiny").logit_scale == pytest.approx(1 / 0.07)
+    default = teachers.create_teacher("test_tiny")
+    assert default.learned_logit_scale == pytest.approx(1 / 0.07)
+    assert default.logit_scale == teachers.DEFAULT_KD_LOGIT_SCALE
+
+
+def test_kd_scale_is_never_the_learned_one_unless_a_recipe_names_it(tmp_path: Path, open_clip_tiny) -> None:
+    """A briefly trained teacher's learned scale (~13 on Flickr8k) made KD worse on dev than 50 (docs/RESULTS.md):
+    without a configured scale the KD temperature is the default, whatever the checkpoint learned."""
+    path = tmp_path / "t.safetensors"
+    with torch.no_grad():
+        open_clip_tiny.logit_scale.fill_(math.log(13.0))
+    from safetensors.torch import save_file
+
+    save_file(open_clip_tiny.state_dict(), str(path))
+    teacher = teachers.create_teacher(f"open_clip:test-tiny-clip@{path}")
+    assert teacher.learned_logit_scale == pytest.approx(13.0)
+    assert teacher.logit_scale == 50.0 and teacher()["logit_scale"] == 50.0
+    # published recipes keep their fixed scales (apple/ml-mobileclip: v1 100, v2 70 / 60)
+    names = ("vit_l14.openai", "vit_l14.datacomp_xl", "vit_l14.dfn2b", "vit_l14.dfn2b_39b", "vit_b32.laion2b")
+    got = [teachers.get_teacher_cfg(n).logit_scale for n in names]
+    assert got == [100.0, 100.0, 70.0, 60.0, None]
 
 
 def test_offline_hub_error_names_local_options() -> None:
