@@ -145,17 +145,34 @@ def padding_trimmable(tower: nn.Module) -> bool:
     )
 
 
-def text_forward_without_padding(tower: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """`tower(tokens)` without the columns that are padding in every row (for towers where `padding_trimmable`).
+MIN_BUCKET_ROWS = 64
+"""Rows per length bucket of `text_forward_without_padding`: below this a bucket's smaller matmuls cost more than
+the padding they skip."""
+MAX_BUCKETS = 4
 
-    Under the causal mask no position attends to a later one, and the pooled position (EOT, or the first) comes
-    before a row's padding, so the pooled features equal the full-length forward's (to float rounding) while the
-    cost follows the longest caption of the batch, not the context length. open_clip's `_embeds` slices the
-    positional embedding to the input's length but hands its full-size causal mask on unless a pad mask is used, so
-    the mask is sliced for the duration of the call; the tower itself runs (its hooks too).
-    """
-    used = (tokens != tower.pad_id).any(dim=0).nonzero()
-    keep = int(used.max()) + 1 if used.numel() else 1
+
+def _bucket_plan(lengths: list[int]) -> list[tuple[int, int]]:
+    """`(end, length)` bounds of the length buckets of rows sorted by length (ascending): equal-row buckets of at
+    least `MIN_BUCKET_ROWS`, the count (1..`MAX_BUCKETS`) that computes the fewest token positions."""
+    n = len(lengths)
+    best: list[tuple[int, int]] = [(n, lengths[-1])]
+    best_cost = n * lengths[-1]
+    for count in range(2, min(MAX_BUCKETS, n // MIN_BUCKET_ROWS) + 1):
+        ends = [round(n * (i + 1) / count) for i in range(count)]
+        plan = [(end, lengths[end - 1]) for end in ends]
+        cost = sum((end - start) * length for (end, length), start in zip(plan, [0, *ends[:-1]], strict=True))
+        # NOTE: one bucket more must save >= 10 % of the positions: each costs another pass of per-call overheads.
+        if cost < 0.9 * best_cost:
+            best, best_cost = plan, cost
+    return best
+
+
+def _sharded(tower: nn.Module) -> bool:
+    """Whether FSDP shards `tower`'s parameters: there every tower pass gathers them, so one pass is cheaper."""
+    return any("FullyShard" in type(m).__name__ or "FSDP" in type(m).__name__ for m in tower.modules())
+
+
+def _forward_trimmed(tower: TextTransformer, tokens: torch.Tensor, keep: int) -> torch.Tensor:
     if keep >= tokens.shape[1]:
         return tower(tokens)
     full_mask = tower.attn_mask
@@ -164,6 +181,34 @@ def text_forward_without_padding(tower: TextTransformer, tokens: torch.Tensor) -
         return tower(tokens[:, :keep])
     finally:
         tower.attn_mask = full_mask
+
+
+def text_forward_without_padding(tower: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """`tower(tokens)` without computing padding (for towers where `padding_trimmable`).
+
+    Under the causal mask no position attends to a later one, and the pooled position (EOT, or the first) comes
+    before a row's padding, so a row's pooled features depend neither on the padding after it nor on the other rows
+    (layer norms are per token): the output equals the full-length forward's to float rounding. A batch of at least
+    `2 * MIN_BUCKET_ROWS` rows is grouped by caption length into up to `MAX_BUCKETS` buckets (`_bucket_plan`), each
+    run cut at its longest caption, and the rows are put back in order; a smaller batch runs once, cut at its
+    longest. So the cost follows the captions' lengths, not the context length nor the batch's longest caption.
+    open_clip's `_embeds` slices the positional embedding to the input's length but hands its full-size causal mask
+    on unless a pad mask is used, so the mask is sliced for the duration of each call; the tower itself runs (its
+    hooks too, once per bucket).
+    """
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    lengths = ((tokens != tower.pad_id) * positions).amax(dim=1).clamp(min=1)  # last non-pad position + 1
+    if tokens.shape[0] < 2 * MIN_BUCKET_ROWS or _sharded(tower):
+        return _forward_trimmed(tower, tokens, int(lengths.max()))
+    order = torch.argsort(lengths, stable=True)
+    plan = _bucket_plan(lengths[order].tolist())
+    if len(plan) == 1:
+        return _forward_trimmed(tower, tokens, plan[0][1])
+    parts, start = [], 0
+    for end, keep in plan:
+        parts.append(_forward_trimmed(tower, tokens[order[start:end]], keep))
+        start = end
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 check_open_clip()

@@ -167,15 +167,52 @@ def test_trimmed_padding_gives_the_same_features_and_gradients_on_shorter_inputs
     seen = []
     hook = student.text.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     full = student.encode_text(tokens)
-    full_grads = torch.autograd.grad(full.square().sum(), params)
+    weights = torch.randn_like(full)  # not |f|^2: normalised features make that constant, its gradient ~0
+    full_grads = torch.autograd.grad((full * weights).sum(), params)
     trimmed = student.encode_text(tokens, trim_padding=True)
-    trimmed_grads = torch.autograd.grad(trimmed.square().sum(), params)
+    trimmed_grads = torch.autograd.grad((trimmed * weights).sum(), params)
     hook.remove()
     assert seen == [tokens.shape[1], longest]
     assert student.text.attn_mask.shape == (tokens.shape[1], tokens.shape[1])  # the full mask is back
     torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
     for a, b in zip(trimmed_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_large_batch_runs_in_length_buckets_with_the_same_features_and_gradients() -> None:
+    # A batch of >= 128 captions of mixed lengths: rows grouped by length, each group cut at its own longest caption.
+    from mcd_common import _open_clip
+
+    torch.manual_seed(0)
+    student = students.create_student("test_tiny").train().double()  # float64: only the summation order differs
+    words = "a dog runs on the green grass near two children playing with".split()
+    captions = [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(160)]
+    tokens = student.tokenize(captions)
+    lengths = (tokens != 0).sum(1)
+    params = [p for p in student.text.parameters() if p.requires_grad]
+    seen = []
+    hook = student.text.transformer.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[:2])))
+    torch.manual_seed(1)
+    full = student.encode_text(tokens)
+    weights = torch.randn_like(full)  # not |f|^2: normalised features make that constant, its gradient ~0
+    full_grads = torch.autograd.grad((full * weights).sum(), params)
+    torch.manual_seed(1)
+    bucketed = student.encode_text(tokens, trim_padding=True)
+    bucketed_grads = torch.autograd.grad((bucketed * weights).sum(), params)
+    hook.remove()
+    assert seen[0] == (160, tokens.shape[1]) and len(seen) > 2  # the full pass, then at least two buckets
+    assert sum(rows for rows, _ in seen[1:]) == 160 and max(n for _, n in seen[1:]) == int(lengths.max())
+    assert sum(rows * n for rows, n in seen[1:]) < 0.9 * 160 * int(lengths.max())
+    torch.testing.assert_close(bucketed, full, rtol=1e-9, atol=1e-12)  # rows back in their order
+    for a, b in zip(bucketed_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # equal lengths, or a small batch: one pass
+    assert _open_clip._bucket_plan([9] * 256) == [(256, 9)]
+    seen.clear()
+    hook = student.text.transformer.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[:2])))
+    student.encode_text(tokens[:100], trim_padding=True)
+    hook.remove()
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize("name", ["test_tiny_mct", "test_tiny_coca"])
