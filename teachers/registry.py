@@ -99,7 +99,7 @@ class TeacherCfg:
     interpolation: Interpolation | None = None
     """Resize filter used when pixels are not ``image_size``."""
     logit_scale: float | None = None
-    """Fixed KD logit scale (MobileCLIP v1: 100); ``None`` uses ``teacher.DEFAULT_KD_LOGIT_SCALE`` (50), never the
+    """Fixed KD logit scale (MobileCLIP v1: 100); ``None`` uses ``DEFAULT_KD_LOGIT_SCALE`` (50, above), never the
     checkpoint's learned ``exp(logit_scale)`` (kept as ``Teacher.learned_logit_scale``)."""
     members: tuple[str, ...] = ()
     """Ensemble member names, in embedding slice order (``source="ensemble"`` only)."""
